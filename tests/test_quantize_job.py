@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from torchrec_sid import cli
+from torchrec_sid.quantizers import Quantizer, SemanticIds
+from torchrec_sid.quantizers.job import QuantizeConfig, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def embeddings(tmp_path: Path) -> Path:
+    """300 items in 6 blobs, 16-d, as a .npy file."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16)) * 4
+    x = centres[rng.integers(0, 6, 300)] + rng.normal(size=(300, 16)) * 0.3
+    path = tmp_path / "items.npy"
+    np.save(path, x.astype(np.float32))
+    return path
+
+
+def test_run_writes_verified_artifacts(embeddings: Path, tmp_path: Path) -> None:
+    config = QuantizeConfig(method="rq_kmeans", data=str(embeddings), out=str(tmp_path / "sids.safetensors"),
+                            quantizer={"levels": 2, "codebook_size": 8, "seed": 1},
+                            tensorboard=str(tmp_path / "tb"))
+    sids = run(config)
+    loaded = SemanticIds.load(config.out)
+    assert torch.equal(loaded.codes, sids.codes) and loaded.num_items == 300 and loaded.num_levels == 3
+    assert len(set(map(tuple, loaded.codes.tolist()))) == 300, "the suffix level makes every SID unique"
+    quantizer = Quantizer.load(config.quantizer_path)
+    x = torch.from_numpy(np.load(embeddings))
+    assert torch.equal(quantizer.encode(x), loaded.codes[:, :2])
+    m = loaded.metrics
+    assert m["collision_rate"] == 0.0 and m["collision_rate_before_suffix"] > 0
+    assert len(m["utilization"]) == 2 and m["rmse"] < 0.5 and m["num_items"] == 300
+    assert loaded.config["data"] == str(embeddings) and loaded.quantizer == "rq_kmeans"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert "rq_kmeans/kmeans/level_0/rmse" in events.Tags()["scalars"]
+
+
+def test_same_config_same_sids(embeddings: Path, tmp_path: Path) -> None:
+    def sids(name: str) -> torch.Tensor:
+        return run(QuantizeConfig(method="rq_gmm", data=str(embeddings), out=str(tmp_path / name),
+                                  quantizer={"levels": 2, "codebook_size": 6, "seed": 3})).codes
+
+    assert torch.equal(sids("a.safetensors"), sids("b.safetensors"))
+
+
+def test_yaml_config_with_flag_overrides(embeddings: Path, tmp_path: Path) -> None:
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump({"method": "rq_kmeans", "data": str(embeddings), "out": str(tmp_path / "x"),
+                                    "quantizer": {"levels": 3, "codebook_size": 4}}))
+    config = QuantizeConfig.from_yaml(path, out=str(tmp_path / "y.safetensors"), method=None,
+                                      quantizer={"codebook_size": 8})
+    assert config.method == "rq_kmeans" and config.out.endswith("y.safetensors")
+    assert config.quantizer == {"levels": 3, "codebook_size": 8}
+
+
+def test_shipped_example_configs_parse() -> None:
+    for path in sorted((REPO / "examples").glob("quantize_*.yaml")):
+        config = QuantizeConfig.from_yaml(path)
+        from torchrec_sid.quantizers import build_quantizer
+
+        build_quantizer(config.method, **config.quantizer)
+
+
+def test_cli_quantize(embeddings: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cli.safetensors"
+    cli.main(["quantize", "--method", "rq_kmeans", "--levels", "2", "--codebook-size", "8", "--data", str(embeddings),
+              "--out", str(out), "--no-collision-suffix"])
+    assert "300 items -> SIDs of 2 levels [8, 8]" in capsys.readouterr().out
+    assert SemanticIds.load(out).num_levels == 2
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"method": "nope"}, "unknown quantizer 'nope'; registered: "),
+        ({"quantizer": {"levles": 2}}, "unknown settings \\['levles'\\] for quantizer 'rq_gmm'"),
+        ({"data": "missing.npy"}, "data: missing.npy is not a file"),
+        ({"data": "table.csv"}, "data must be 'movielens', 'synthetic' or a .npy file, got 'table.csv'"),
+    ],
+)
+def test_bad_config_raises(config: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        run(QuantizeConfig(out=str(tmp_path / "o.safetensors"), **config))
+
+
+def test_unknown_yaml_field_raises(tmp_path: Path) -> None:
+    path = tmp_path / "q.yaml"
+    path.write_text("method: rq_gmm\ncodebook_size: 8\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['codebook_size'\]"):
+        QuantizeConfig.from_yaml(path)
+
+
+def test_two_process_quantize_matches_one_process(embeddings: Path, tmp_path: Path) -> None:
+    """The CLI under torchrun: 2 gloo ranks each fit and encode half the items; rank 0 writes all codes."""
+    args = ["quantize", "--method", "rq_gmm", "--levels", "2", "--codebook-size", "6", "--data", str(embeddings)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "torchrec_sid", *args, "--out", str(tmp_path / "two.safetensors")],
+                   check=True, env=env, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "torchrec_sid", *args, "--out", str(tmp_path / "one.safetensors")],
+                   check=True, env=env, capture_output=True, timeout=120)
+    two, one = (SemanticIds.load(tmp_path / f"{n}.safetensors") for n in ("two", "one"))
+    assert torch.equal(two.codes, one.codes)
