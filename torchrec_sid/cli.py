@@ -1,6 +1,7 @@
 """``torchrec-sid``: the command line.
 
-``demo`` runs the end-to-end job; ``data`` prints the data; ``quantize`` turns item content into semantic IDs.
+``demo`` runs the end-to-end job; ``data`` prints the data; ``quantize`` turns item content into semantic IDs;
+``train`` trains and evaluates a sharded DLRM-style model (one process, or N under torchrun / TorchX).
 """
 
 from __future__ import annotations
@@ -41,6 +42,39 @@ def _quantize(args: argparse.Namespace) -> None:
               f"{' before the suffix level' if config.collision_suffix else ''} -> {config.out}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from torchrec_sid.train.config import TrainConfig
+    from torchrec_sid.train.loop import run
+
+    config = TrainConfig.from_yaml(args.config, out=args.out, semantic_ids=args.semantic_ids, seed=args.seed,
+                                   resume=True if args.resume else None, max_steps=args.max_steps,
+                                   ml100k=args.ml100k)
+    results = run(config)
+    if results is not None:
+        print(format_results([results]))
+
+
+def format_results(results: list[dict]) -> str:
+    """A table of runs: AUC / NE on test and cold items, parameters, training examples/s."""
+    lines = [f"{'run':<28} {'test AUC':>8} {'test NE':>8} {'cold AUC':>8} {'cold NE':>8} {'params':>10} {'ex/s':>8}"]
+    for r in results:
+        m = r["metrics"]
+        test, cold = m.get("test", {}), m.get("cold", {})
+        lines.append(f"{r['name']:<28} {test.get('auc', float('nan')):>8.4f} {test.get('ne', float('nan')):>8.4f} "
+                     f"{cold.get('auc', float('nan')):>8.4f} {cold.get('ne', float('nan')):>8.4f} "
+                     f"{r['parameters']['total']:>10,} {r['train_examples_per_second']:>8.0f}")
+    return "\n".join(lines)
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="YAML", help="a TrainConfig file (see examples/)")
+    p.add_argument("--out", help="output folder (results.json, tensorboard/, checkpoints/)")
+    p.add_argument("--semantic-ids", help="SemanticIds file (overrides the config's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+
 def _add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="a file of QuantizeConfig fields; flags given here override it")
     p.add_argument("--method", help="quantizer: rq_kmeans, rq_gmm, ... (default rq_gmm)")
@@ -61,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", _demo, "the end-to-end job on MovieLens-100k"),
         ("data", _data, "load MovieLens-100k and print its summary and splits"),
         ("quantize", _quantize, "fit a quantizer on item content and write a SemanticIds artifact"),
+        ("train", _train, "train and evaluate a sharded DLRM-style model from a config file"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--ml100k", default=None, metavar="DIR",
@@ -68,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         if name == "quantize":
             _add_quantize_arguments(p)
+        if name == "train":
+            _add_train_arguments(p)
     return parser
 
 

@@ -233,6 +233,7 @@ class CtrBatches(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.drop_last = drop_last or world_size > 1
         self.epoch = 0
+        self.start_batch = 0
         self._genre_offsets, self._genre_values = self._genres_csr(data.catalog.item_genres)
 
     @staticmethod
@@ -241,9 +242,12 @@ class CtrBatches(torch.utils.data.IterableDataset):
         offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(multi_hot)))])
         return offsets.astype(np.int64), cols.astype(np.int64)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the shuffle order of the next iteration."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Selects the shuffle order of the next iteration, and the batch it starts at (to resume mid-epoch)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} is outside [0, {len(self)}]")
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def __len__(self) -> int:
         n = len(self.samples)
@@ -256,7 +260,7 @@ class CtrBatches(torch.utils.data.IterableDataset):
             order = np.random.default_rng(self.seed + self.epoch).permutation(n)
         else:
             order = np.arange(n)
-        for b in range(len(self)):
+        for b in range(self.start_batch, len(self)):
             start = (b * self.world_size + self.rank) * self.batch_size
             yield self.build(order[start:start + self.batch_size])
 

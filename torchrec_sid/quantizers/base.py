@@ -181,9 +181,8 @@ class Quantizer(ABC):
     def save(self, path: str | Path) -> Path:
         """Writes the fitted parameters, config and history to one safetensors file."""
         self._check_fitted()
-        tensors = {s.rstrip("_"): getattr(self, s) for s in self._state_names}
         meta = {"name": self.name, "config": self.config(), "history": self.history_}
-        return save_artifact(path, "quantizer", tensors, meta)
+        return save_artifact(path, "quantizer", self._state_tensors(), meta)
 
     @classmethod
     def load(cls: type[Q], path: str | Path) -> Q:
@@ -193,10 +192,24 @@ class Quantizer(ABC):
         if quantizer_cls is None or not issubclass(quantizer_cls, cls):
             raise ValueError(f"{path} holds a {meta['name']!r} quantizer, not a {cls.__name__}")
         quantizer = quantizer_cls(**meta["config"])
-        for s in quantizer._state_names:
-            setattr(quantizer, s, tensors[s.rstrip("_")])
+        quantizer._load_state(tensors)
         quantizer.history_ = meta["history"]
         return quantizer
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        """The fitted tensors :meth:`save` writes (default: each of ``_state_names``, named without the ``_``)."""
+        return {s.rstrip("_"): getattr(self, s) for s in self._state_names}
+
+    def _load_state(self, tensors: dict[str, Tensor]) -> None:
+        """Restores the fitted state from :meth:`_state_tensors`' tensors (default: sets each of ``_state_names``)."""
+        for s in self._state_names:
+            setattr(self, s, tensors[s.rstrip("_")])
+
+    @property
+    def digit_centres(self) -> list[float] | None:
+        """Per level, the centre of an ordinal digit (see :class:`SemanticIds`); None: the codes are categorical
+        (the default)."""
+        return None
 
 
 def register(name: str) -> Callable[[type[Q]], type[Q]]:
@@ -352,6 +365,12 @@ class SemanticIds:
         config: its settings (:meth:`Quantizer.config`), plus anything else needed to reproduce the codes.
         metrics: quality metrics (:func:`torchrec_sid.quantizers.metrics.quality_report`).
         format_version: version of the file format.
+        digit_centres: how SIDE reads the codes without a table. ``None`` (the default): the codes are
+            categorical (indices into codebooks; only a table embeds them). Otherwise the codes are ordinal digit
+            vectors and this is one centre ``m_l`` per level: digit l means the value ``codes[:, l] - m_l``
+            (ternary DPCA digits: ``m_l = 1``, values {-1, 0, 1}; FSQ with ``L`` levels: ``m_l = (L - 1) / 2``,
+            values ``-m_l ... m_l`` in unit steps). The radix of level l is ``cardinalities[l]``
+            (:func:`torchrec_sid.sid.packing.pack_codes`).
 
     Example::
 
@@ -366,6 +385,7 @@ class SemanticIds:
     config: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    digit_centres: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -388,29 +408,43 @@ class SemanticIds:
         if any(c < 1 for c in self.cardinalities):
             raise ValueError(f"cardinalities must be >= 1, got {self.cardinalities}")
         check_codes(self.codes, self.cardinalities)
+        if self.digit_centres is None:
+            return
+        if len(self.digit_centres) != len(self.cardinalities):
+            raise ValueError(f"digit_centres has {len(self.digit_centres)} entries, expected one per level "
+                             f"({len(self.cardinalities)})")
+        for level, (centre, k) in enumerate(zip(self.digit_centres, self.cardinalities, strict=True)):
+            if not 0 <= centre <= k - 1:
+                raise ValueError(f"digit_centres[{level}] = {centre} is outside [0, {k - 1}], the digit range of "
+                                 f"level {level}")
 
     @classmethod
     def from_quantizer(cls, quantizer: Quantizer, x: Tensor, metrics: dict[str, Any] | None = None) -> SemanticIds:
         """Encodes ``x: [N, D]`` (row i = item i) with a fitted ``quantizer``."""
         return cls(quantizer.encode(x), quantizer.cardinalities, quantizer.name, quantizer.config(),
-                   dict(metrics or {}))
+                   dict(metrics or {}), digit_centres=quantizer.digit_centres)
 
     def with_collision_suffix(self) -> SemanticIds:
         """A copy with one more level that makes every SID unique; metrics record the rate before and after."""
         codes, suffix_cardinality = add_collision_suffix(self.codes)
         metrics = {**self.metrics, "collision_rate_before_suffix": collision_rate(self.codes),
                    "collision_rate": collision_rate(codes), "suffix_cardinality": suffix_cardinality}
+        # the suffix has no order; it gets its midpoint, SIDE's default centre (SIDE should normally skip it)
+        centres = None if self.digit_centres is None else [*self.digit_centres, (suffix_cardinality - 1) / 2]
         return replace(self, codes=codes, cardinalities=[*self.cardinalities, suffix_cardinality],
-                       config={**self.config, "collision_suffix": True}, metrics=metrics)
+                       config={**self.config, "collision_suffix": True}, metrics=metrics, digit_centres=centres)
 
     def save(self, path: str | Path) -> Path:
         """Writes one safetensors file atomically: ``codes`` plus JSON metadata and a SHA-256."""
         meta = {"cardinalities": self.cardinalities, "quantizer": self.quantizer, "config": self.config,
                 "metrics": self.metrics}
+        if self.digit_centres is not None:  # absent: all levels categorical (files without it read the same)
+            meta["digit_centres"] = self.digit_centres
         return save_artifact(path, "semantic_ids", {"codes": self.codes}, meta, self.format_version)
 
     @classmethod
     def load(cls, path: str | Path) -> SemanticIds:
         """Reads a :meth:`save` file; refuses another format version or a modified / truncated file."""
         tensors, meta = load_artifact(path, "semantic_ids")
-        return cls(tensors["codes"], meta["cardinalities"], meta["quantizer"], meta["config"], meta["metrics"])
+        return cls(tensors["codes"], meta["cardinalities"], meta["quantizer"], meta["config"], meta["metrics"],
+                   digit_centres=meta.get("digit_centres"))

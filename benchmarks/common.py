@@ -1,0 +1,216 @@
+"""Shared pieces of the quantizer benchmarks: timing, machine facts, data, tables and JSON results.
+
+Read-only helpers: nothing here changes library state except :func:`set_threads`. The ``bench`` extra
+(faiss-cpu, scikit-learn) is imported lazily, only by the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> tuple[dict[str, Any], Any]:
+    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` times timed.
+
+    Returns ``({"median_s", "min_s", "times_s", "repeats", "warmup"}, result of the last call)``.
+    """
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    stats = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+             "repeats": len(times), "warmup": warmup}
+    return stats, result
+
+
+def matmul_gflops(m: int, k: int, n: int, *, repeats: int = 5, min_seconds: float = 0.3) -> float:
+    """Median float32 GFLOP/s of ``[m, k] @ [k, n]`` with torch at the current thread count."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    out = torch.empty(m, n)
+    torch.mm(a, b, out=out)  # warm-up
+    rates = []
+    while len(rates) < repeats or (sum(2 * m * k * n / r / 1e9 for r in rates) < min_seconds and len(rates) < 200):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        rates.append(2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+# ----------------------------------------------------------------------------------------------------- machine
+
+
+def set_threads(n: int) -> dict[str, Any]:
+    """torch, faiss (OpenMP) and, through threadpoolctl, numpy / scikit-learn BLAS and OpenMP pools to ``n``
+    threads each; returns what was set (a missing optional package is reported as such)."""
+    torch.set_num_threads(n)
+    done: dict[str, Any] = {"torch": torch.get_num_threads()}
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+        done["faiss"] = faiss.omp_get_max_threads()
+    except ImportError:
+        done["faiss"] = "not installed"
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)  # global: stays in force for the rest of the process
+        done["threadpoolctl"] = n
+    except ImportError:
+        done["threadpoolctl"] = "not installed (scikit-learn uses its own defaults)"
+    return done
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_facts() -> dict[str, Any]:
+    """Versions, thread counts, CPU model and load: stored in every result file."""
+    return {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "faiss_cpu": _version("faiss-cpu"),
+        "scikit_learn": _version("scikit-learn"),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpus_visible": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+# -------------------------------------------------------------------------------------------------------- data
+
+
+def movielens_embeddings() -> Tensor:
+    """MovieLens-100k item text embeddings ``[1682, 384]`` (MiniLM, L2-normalised; cached after the first run)."""
+    from torchrec_sid.data import movielens
+
+    return movielens.load().content(progress=False).text.float()
+
+
+def synthetic_embeddings(num_items: int, *, seed: int = 0) -> tuple[Tensor, dict[str, Any]]:
+    """Content embeddings ``[num_items, 64]`` of the synthetic generator (its default 64 clusters, D=64, noise 0.8).
+
+    Only the items are wanted, so the user side is made tiny (50 users, 1-5 clicks each, 5 samples per user): the
+    item embeddings are drawn before any user and do not depend on these settings. Returns ``(x, config)``.
+    """
+    from torchrec_sid.data.synthetic import SyntheticConfig, generate
+
+    config = SyntheticConfig(num_items=num_items, num_users=50, min_history=1, max_history=5, samples_per_user=5,
+                             seed=seed)
+    data = generate(config)
+    facts = {"num_items": num_items, "content_dim": config.content_dim, "num_clusters": config.num_clusters,
+             "content_noise": config.content_noise, "seed": seed,
+             "user_side_shrunk": "num_users=50, min_history=1, max_history=5, samples_per_user=5"}
+    return data.content.float(), facts
+
+
+def tiled_embeddings(base: Tensor, num_rows: int, *, noise: float = 0.3, seed: int = 0) -> Tensor:
+    """``num_rows`` rows: row i is ``base[i % len(base)]`` plus Gaussian noise of norm about ``noise``,
+    L2-normalised again. ``base: [M, D]`` -> ``[num_rows, D]``."""
+    g = torch.Generator().manual_seed(seed)
+    dim = base.shape[1]
+    x = base[torch.arange(num_rows) % len(base)] + torch.randn(num_rows, dim, generator=g) * (noise / math.sqrt(dim))
+    return F.normalize(x, dim=1)
+
+
+# -------------------------------------------------------------------------------------------- tables and files
+
+
+def _cell(value: Any, fmt: str | None) -> str:
+    if value is None:
+        return "-"
+    if fmt is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, fmt)
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str | None]],
+                 title: str | None = None) -> str:
+    """A plain-text table. ``columns``: ``(key in row, header, format spec or None)``; missing keys print '-'."""
+    cells = [[_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+    headers = [header for _, header, _ in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    first_left = lambda i, s: s.ljust(widths[i]) if i == 0 else s.rjust(widths[i])  # noqa: E731
+    lines = [] if title is None else [title]
+    lines.append("  ".join(first_left(i, h) for i, h in enumerate(headers)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(first_left(i, c) for i, c in enumerate(row)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(name: str, payload: dict[str, Any], out_dir: Path = RESULTS_DIR) -> Path:
+    """Writes ``payload`` (plus ``machine``) to ``<out_dir>/<name>.json``; returns the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_jsonable({"machine": machine_facts(), **payload}), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+@contextlib.contextmanager
+def stage(what: str) -> Iterator[None]:
+    """Prints ``what`` and its wall time (progress of a long benchmark)."""
+    start = time.perf_counter()
+    print(f"  {what} ...", end="", flush=True)
+    yield
+    print(f" {time.perf_counter() - start:.1f} s", flush=True)

@@ -1,0 +1,202 @@
+"""SIDE paper Tables 1 and 2 on our data: RQ-VAE, DPCA and FSQ at 24 bits, 1:1 vs VQ-fusion, and neighbour recall.
+
+Data (both have a dense text-like embedding and a categorical genre multi-hot):
+    movielens   MovieLens-100k: MiniLM text embeddings [1682, 384] (L2-normalised) and genres [1682, 19].
+    synthetic   ``generate_items(SyntheticConfig(num_items=--synthetic-items))``: clustered content [N, 64]
+                (L2-normalised) and genre flags [N, 20] drawn from the item's cluster.
+
+Quantizers, 24 bits each (torchrec_sid.quantizers, MLP encoder / decoder, hidden 256):
+    rq_vae   3 levels x 256 codes (24 bits), latent 32
+    dpca     3 groups x 5 levels of ternary digits (15 digits, 23.8 bits), latent 48
+    fsq      8 dimensions x 8 levels (24 bits)
+
+Table 1 (cosine reconstruction loss, mean ``1 - cos(x, x_hat)`` over every item):
+    1:1      one 24-bit quantizer per signal: the text one trained with cosine loss; the genre one with
+             binary cross-entropy, its reconstruction being the predicted genre probabilities, scored by the
+             same cosine loss against the multi-hot.
+    fusion   one 24-bit VQ-fusion quantizer over both signals (so half the bits of the two 1:1 codes), losses
+             cosine (text) + BCE (genres), weights 1.
+    delta%   (fusion - 1:1) / 1:1 per signal. The paper's finding to test: DPCA degrades least under fusion.
+Table 2: recall of the raw text embedding's cosine top-20 among the top-20/50/100 neighbours in reconstructed
+space (``decoded``: the 1:1 text quantizer's decode of the SID) and in ``digits`` space (the centred digit
+vector ``codes - digit_centres`` itself, what SIDE projects; DPCA and FSQ only), 1,000 seeded queries.
+Timing: seconds per training epoch (fit wall time / epochs run, including initialisation and validation) and
+encode throughput (items/s, median of 3 full encodes), at ``--threads`` threads.
+
+Training: Adam lr 1e-3, 10% seeded validation split, early stopping (patience below), best epoch restored.
+Run: ``.venv/bin/python benchmarks/side_tables.py`` (about 5 minutes on 2 cores), smoke run with ``--quick``.
+Prints the tables and writes ``benchmarks/results/side_tables.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+from common import format_table, set_threads, stage, time_call, write_json
+from torch import Tensor
+
+from torchrec_sid.quantizers import DPCA, FSQ, RQVAE
+from torchrec_sid.quantizers.autoencoder import NeuralQuantizer
+from torchrec_sid.quantizers.metrics import cosine_loss, recall_at_k
+
+METHODS = {  # name -> (class, 24-bit settings)
+    "rq_vae": (RQVAE, {"levels": 3, "codebook_size": 256, "latent_dim": 32}),
+    "dpca": (DPCA, {"groups": 3, "depth": 5, "latent_dim": 48}),
+    "fsq": (FSQ, {"levels": [8] * 8}),
+}
+SIGNALS = {"text": "cosine", "genres": "bce"}
+
+
+def load_data(name: str, synthetic_items: int) -> dict[str, Tensor]:
+    """``{"text": [N, D], "genres": [N, G]}`` float32."""
+    if name == "movielens":
+        from torchrec_sid.data import movielens
+
+        content = movielens.load().content(progress=False)
+        return {"text": content.text.float(), "genres": content.genres.float()}
+    from torchrec_sid.data.synthetic import SyntheticConfig, generate_items
+
+    generated = generate_items(SyntheticConfig(num_items=synthetic_items, seed=0))
+    return {"text": generated.content.float(), "genres": torch.from_numpy(generated.genres).float()}
+
+
+def fit_timed(q: NeuralQuantizer, x: Tensor | dict[str, Tensor]) -> dict[str, Any]:
+    """Fits ``q``; returns epochs run, seconds per epoch and encode throughput."""
+    start = time.perf_counter()
+    q.fit(x)
+    seconds = time.perf_counter() - start
+    encode, _ = time_call(lambda: q.encode(x), repeats=3, warmup=0)
+    num_items = len(x) if isinstance(x, Tensor) else len(next(iter(x.values())))
+    return {"epochs": len(q.history_), "fit_s": seconds, "s_per_epoch": seconds / len(q.history_),
+            "encode_items_per_s": num_items / encode["median_s"], "utilization": q.history_[-1]["utilization"]}
+
+
+def digit_space(q: NeuralQuantizer, codes: Tensor, width: int) -> Tensor:
+    """Centred digit vectors ``codes - digit_centres`` (SIDE's input before Omega), zero-padded to ``width``
+    columns, which leaves every cosine unchanged and lets ``recall_at_k`` compare them with ``[N, width]``."""
+    digits = codes.float() - torch.tensor(q.digit_centres)
+    return torch.nn.functional.pad(digits, (0, width - digits.shape[1]))
+
+
+def run_seed(data: dict[str, Tensor], training: dict[str, Any], seed: int, num_queries: int) -> list[dict[str, Any]]:
+    """Every method in 1:1 (text, genres) and fusion; one row per (method, setting, signal)."""
+    rows = []
+    for method, (cls, settings) in METHODS.items():
+        for setting in ("1:1", "fusion"):
+            fits = ({"text": None, "genres": {"genres": "bce"}} if setting == "1:1" else {"both": SIGNALS})
+            for fit_name, signals in fits.items():
+                q = cls(**settings, **training, signals=signals, seed=seed)
+                x = data["text"] if fit_name == "text" else {k: data[k] for k in signals}
+                with stage(f"{method} {setting} {fit_name} seed {seed}"):
+                    timing = fit_timed(q, x)
+                codes = q.encode(x)
+                decoded = q.decode(codes)
+                decoded = {fit_name: decoded} if isinstance(decoded, Tensor) else decoded
+                row = {"method": method, "setting": setting, "fit": fit_name, "seed": seed, **timing,
+                       **{f"cos_{k}": cosine_loss(data[k], v) for k, v in decoded.items()}}
+                if fit_name == "text":
+                    row["recall_decoded"] = recall_at_k(data["text"], decoded["text"], num_queries=num_queries,
+                                                        seed=seed)
+                    if q.digit_centres is not None:
+                        row["recall_digits"] = recall_at_k(data["text"], digit_space(q, codes, data["text"].shape[1]),
+                                                           num_queries=num_queries, seed=seed)
+                rows.append(row)
+    return rows
+
+
+def mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def table1(dataset: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean cosine loss per (method, setting) for text and genres, and the fusion delta %."""
+    out = []
+    for method in METHODS:
+        one = [r for r in rows if r["method"] == method and r["setting"] == "1:1"]
+        fused = [r for r in rows if r["method"] == method and r["setting"] == "fusion"]
+        base = {"text": mean(one, "cos_text"), "genres": mean(one, "cos_genres")}
+        out.append({"data": dataset, "setting": "1:1", "method": method, **base})
+        fusion = {"text": mean(fused, "cos_text"), "genres": mean(fused, "cos_genres")}
+        deltas = {f"delta_{k}": 100 * (fusion[k] - base[k]) / base[k] for k in fusion}
+        spread = {f"std_{k}": statistics.pstdev([r[f"cos_{k}"] for r in fused]) for k in fusion}
+        out.append({"data": dataset, "setting": "fusion", "method": method, **fusion, **deltas, **spread})
+    return out
+
+
+def table2(dataset: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for method in METHODS:
+        text = [r for r in rows if r["method"] == method and r["fit"] == "text"]
+        for space in ("decoded", "digits"):
+            if f"recall_{space}" not in text[0]:
+                continue
+            recall = {k: statistics.fmean(r[f"recall_{space}"][k] for r in text) for k in text[0][f"recall_{space}"]}
+            out.append({"data": dataset, "method": method, "space": space, **recall})
+    return out
+
+
+def timing(dataset: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for method in METHODS:
+        for fit in ("text", "genres", "both"):
+            group = [r for r in rows if r["method"] == method and r["fit"] == fit]
+            out.append({"data": dataset, "method": method, "fit": fit, "epochs": mean(group, "epochs"),
+                        "s_per_epoch": mean(group, "s_per_epoch"), "encode": mean(group, "encode_items_per_s"),
+                        "utilization": mean(group, "utilization")})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny epochs, 2k synthetic items, 1 seed")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per fit on MovieLens-100k")
+    parser.add_argument("--synthetic-items", type=int, default=20_000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    datasets = {  # name -> (training settings, seeds)
+        "movielens": ({"max_epochs": 200, "patience": 20, "batch_size": 128}, args.seeds),
+        "synthetic": ({"max_epochs": 40, "patience": 5, "batch_size": 256}, 1),
+    }
+    synthetic_items = args.synthetic_items
+    if args.quick:
+        datasets = {name: ({"max_epochs": 2, "patience": 2, "batch_size": 256}, 1) for name in datasets}
+        synthetic_items = 2_000
+    results: dict[str, Any] = {"threads": threads, "synthetic_items": synthetic_items, "runs": {}, "table1": [],
+                               "table2": [], "timing": []}
+    for dataset, (training, seeds) in datasets.items():
+        print(f"{dataset}:")
+        data = load_data(dataset, synthetic_items)
+        rows = [r for seed in range(seeds) for r in run_seed(data, {**training, "hidden_dim": 256}, seed, 1000)]
+        results["runs"][dataset] = {"num_items": len(data["text"]), "dims": {k: v.shape[1] for k, v in data.items()},
+                                    "training": training, "seeds": seeds, "rows": rows}
+        results["table1"] += table1(dataset, rows)
+        results["table2"] += table2(dataset, rows)
+        results["timing"] += timing(dataset, rows)
+    print()
+    print(format_table(results["table1"], [
+        ("data", "data", None), ("setting", "setting", None), ("method", "method", None),
+        ("text", "text cos", ".4f"), ("delta_text", "delta %", "+.1f"), ("std_text", "std", ".4f"),
+        ("genres", "genres cos", ".4f"), ("delta_genres", "delta %", "+.1f"), ("std_genres", "std", ".4f")],
+        title="Table 1: cosine reconstruction loss at 24 bits (1:1 = one quantizer per signal; fusion = one for both)"))
+    print()
+    print(format_table(results["table2"], [
+        ("data", "data", None), ("method", "method", None), ("space", "space", None),
+        ("recall@20", "R@20", ".4f"), ("recall@50", "R@50", ".4f"), ("recall@100", "R@100", ".4f")],
+        title="Table 2: recall of the raw text top-20 among k nearest neighbours in SID space (24-bit 1:1 text codes)"))
+    print()
+    print(format_table(results["timing"], [
+        ("data", "data", None), ("method", "method", None), ("fit", "fit on", None), ("epochs", "epochs", ".0f"),
+        ("s_per_epoch", "s/epoch", ".3f"), ("encode", "encode items/s", ",.0f"),
+        ("utilization", "utilisation", ".3f")], title=f"Training and encoding at {args.threads} thread(s)"))
+    path = write_json("side_tables" + ("_quick" if args.quick else ""), results)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+# no `from __future__ import annotations`: the wrapper models below are fx-traced then scripted, which needs real
+# annotations on their forward
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ShapesCollection
+from torchrec.fx import symbolic_trace
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_sid.modules import SidFeatureTransform, hash_packed_ids
+from torchrec_sid.quantizers import SemanticIds
+
+# 5 items, 3 levels with cardinalities [4, 4, 8]; items 0 and 4 share the prefix (0, 1)
+CODES = torch.tensor([[0, 1, 5], [2, 0, 7], [3, 3, 0], [1, 2, 3], [0, 1, 6]])
+SIDS = SemanticIds(CODES, [4, 4, 8], "test", {})
+ITEM_FEATURES = ["item_id", "history_item_ids"]
+
+
+def batch(weights: Tensor | None = None, dtype: torch.dtype = torch.long) -> KeyedJaggedTensor:
+    """3 examples.
+
+    user_id           [10]    [11]   [12]
+    item_id           [3]     [0]    [4]
+    history_item_ids  [1, 2]  []     [0, 4, 3]
+    """
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", *ITEM_FEATURES],
+        values=torch.tensor([10, 11, 12, 3, 0, 4, 1, 2, 0, 4, 3], dtype=dtype),
+        lengths=torch.tensor([1, 1, 1, 1, 1, 1, 2, 0, 3]),
+        weights=weights,
+    )
+
+
+def transform(**settings) -> SidFeatureTransform:
+    return SidFeatureTransform(SIDS, ITEM_FEATURES, **({"ngram_orders": [1], "prefix_lengths": [2]} | settings))
+
+
+def reference_hash(x: int, num_buckets: int) -> int:
+    """The documented hash, in Python integers."""
+    p = 2**31 - 1
+    return ((0x5BD1E995 * (x % 2**31)) % p + (0x27D4EB2F * ((x >> 31) % p)) % p + 0x165667B1) % p % num_buckets
+
+
+def test_per_level_and_prefix_tokens_on_a_hand_computed_batch() -> None:
+    out = transform()(batch())
+    assert out.keys() == ["user_id", "item_id", "history_item_ids",
+                          "item_id__sid_l0", "item_id__sid_l1", "item_id__sid_l2", "item_id__sid_prefix2",
+                          "history_item_ids__sid_l0", "history_item_ids__sid_l1", "history_item_ids__sid_l2",
+                          "history_item_ids__sid_prefix2"]
+    expected = {
+        "user_id": [[10], [11], [12]],
+        "item_id": [[3], [0], [4]],
+        "history_item_ids": [[1, 2], [], [0, 4, 3]],
+        "item_id__sid_l0": [[1], [0], [0]],
+        "item_id__sid_l1": [[2], [1], [1]],
+        "item_id__sid_l2": [[3], [5], [6]],
+        "item_id__sid_prefix2": [[1 + 4 * 2], [0 + 4 * 1], [0 + 4 * 1]],
+        "history_item_ids__sid_l0": [[2, 3], [], [0, 0, 1]],
+        "history_item_ids__sid_l1": [[0, 3], [], [1, 1, 2]],
+        "history_item_ids__sid_l2": [[7, 0], [], [5, 6, 3]],
+        "history_item_ids__sid_prefix2": [[2, 3 + 4 * 3], [], [4, 4, 1 + 4 * 2]],
+    }
+    assert {key: [row.tolist() for row in jt.to_dense()] for key, jt in out.to_dict().items()} == expected
+    assert out.stride() == 3 and out.values().dtype == torch.long
+
+
+def test_ngrams_are_exact_mixed_radix_ids_and_large_tokens_use_the_documented_hash() -> None:
+    t = transform(ngram_orders=[2], prefix_lengths=[3], max_table_size=64)
+    assert [(tok.suffix, tok.num_values, tok.num_buckets, tok.hashed) for tok in t.tokens] == [
+        ("ngram2_l0", 16, 16, False), ("ngram2_l1", 32, 32, False), ("prefix3", 128, 64, True)]
+    out = t(batch()).to_dict()
+    items = [1, 2, 0, 4, 3]
+    c = CODES[items]
+    assert out["history_item_ids__sid_ngram2_l0"].values().tolist() == (c[:, 0] + 4 * c[:, 1]).tolist()
+    assert out["history_item_ids__sid_ngram2_l1"].values().tolist() == (c[:, 1] + 4 * c[:, 2]).tolist()
+    packed = (c[:, 0] + 4 * c[:, 1] + 16 * c[:, 2]).tolist()
+    assert out["history_item_ids__sid_prefix3"].values().tolist() == [reference_hash(x, 64) for x in packed]
+
+
+def test_hash_is_pinned_and_spreads_ids() -> None:
+    ids = torch.tensor([0, 1, 57, 2**40 + 5, 2**62 + 12345])
+    assert hash_packed_ids(ids, 1000).tolist() == [393, 870, 55, 973, 389]  # stable across versions
+    assert hash_packed_ids(ids, 1000).tolist() == [reference_hash(x, 1000) for x in ids.tolist()]
+    counts = torch.bincount(hash_packed_ids(torch.arange(64**3), 4096), minlength=4096)
+    assert counts.min() >= 32 and counts.max() <= 96  # 64 ids per bucket on average
+
+
+def test_zero_length_batch_gives_empty_token_features() -> None:
+    empty = KeyedJaggedTensor.from_lengths_sync(keys=ITEM_FEATURES, values=torch.zeros(0, dtype=torch.long),
+                                                lengths=torch.zeros(0, dtype=torch.int32))
+    out = transform()(empty)  # (torchrec 1.8's own KJT.to_dict, hence an unsharded EBC, fails on stride 0)
+    assert out.stride() == 0 and len(out.keys()) == 2 + 2 * 4
+    assert out.values().numel() == 0 and out.lengths().numel() == 0 and out.length_per_key() == [0] * 10
+
+
+def test_weights_are_carried_to_derived_tokens() -> None:
+    weights = torch.arange(11, dtype=torch.float) / 10
+    out = transform()(batch(weights)).to_dict()
+    for derived in transform().derived_feature_names("history_item_ids"):
+        torch.testing.assert_close(out[derived].weights(), weights[6:])
+    torch.testing.assert_close(out["item_id__sid_l2"].weights(), weights[3:6])
+    torch.testing.assert_close(out["user_id"].weights(), weights[:3])
+    assert transform()(batch()).weights_or_none() is None
+
+
+def test_int32_values_stay_int32() -> None:
+    out = transform()(batch(dtype=torch.int32))
+    assert out.values().dtype == torch.int32
+    assert out["item_id__sid_l2"].values().tolist() == [3, 5, 6]
+
+
+def test_configs_build_tables_for_the_derived_features() -> None:
+    t = transform(prefix_lengths=[2, 3], max_table_size=100, unknown_ids="oov")
+    configs = t.embedding_bag_configs(embedding_dim=8)
+    assert [(c.name, c.num_embeddings, c.feature_names) for c in configs] == [
+        ("sid_l0", 5, ["item_id__sid_l0", "history_item_ids__sid_l0"]),
+        ("sid_l1", 5, ["item_id__sid_l1", "history_item_ids__sid_l1"]),
+        ("sid_l2", 9, ["item_id__sid_l2", "history_item_ids__sid_l2"]),
+        ("sid_prefix2", 17, ["item_id__sid_prefix2", "history_item_ids__sid_prefix2"]),
+        ("sid_prefix3", 101, ["item_id__sid_prefix3", "history_item_ids__sid_prefix3"]),  # 128 hashed to 100
+    ]
+    pooled = EmbeddingBagCollection(tables=configs)(t(batch()))
+    assert pooled.values().shape == (3, 10 * 8)
+    sequence_configs = t.embedding_configs(embedding_dim=8, feature_names=["history_item_ids"])
+    assert sequence_configs[0].feature_names == ["history_item_ids__sid_l0"]
+    sequences = EmbeddingCollection(tables=sequence_configs)(t(batch()))
+    assert sequences["history_item_ids__sid_prefix3"].lengths().tolist() == [2, 0, 3]
+    assert sequences["history_item_ids__sid_prefix3"].values().shape == (5, 8)
+
+
+def test_unknown_ids_map_to_the_oov_row_under_the_oov_policy() -> None:
+    t = transform(unknown_ids="oov")
+    features = KeyedJaggedTensor.from_lengths_sync(keys=["item_id", "history_item_ids"],
+                                                   values=torch.tensor([5, 2, -1, 4]), lengths=torch.tensor([1, 3]))
+    out = t(features).to_dict()
+    assert out["item_id__sid_l2"].values().tolist() == [8]  # the OOV row is the last: index = 8 exact rows
+    assert out["history_item_ids__sid_prefix2"].values().tolist() == [3 + 4 * 3, 16, 4]
+    assert t.num_embeddings() == [5, 5, 9, 17]
+
+
+@pytest.mark.parametrize(("bad_id", "where"), [(5, "item_id"), (-3, "history_item_ids"), (10**12, "item_id")])
+def test_unknown_id_raises_with_feature_id_and_limit(bad_id: int, where: str) -> None:
+    values = {"item_id": [1], "history_item_ids": [0, 2]}
+    values[where][0] = bad_id
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=ITEM_FEATURES, values=torch.tensor(values["item_id"] + values["history_item_ids"]),
+        lengths=torch.tensor([1, 2]),
+    )
+    message = rf"feature '{where}' has item id {bad_id} outside \[0, 5\).*unknown_ids='oov'"
+    with pytest.raises(ValueError, match=message):
+        transform()(features)
+
+
+def test_missing_item_feature_raises() -> None:
+    features = KeyedJaggedTensor.from_lengths_sync(keys=["item_id"], values=torch.tensor([1]),
+                                                   lengths=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"item feature 'history_item_ids' is missing from the input; its keys are "
+                                         r"\['item_id'\]"):
+        transform()(features)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_levels": 4}, "num_levels=4 requested, the SemanticIds artifact has 3 levels"),
+        ({"num_levels": 0}, "num_levels=0 requested, the SemanticIds artifact has 3 levels"),
+        ({"ngram_orders": [4]}, r"ngram_orders must be distinct and in \[1, num_levels=3\], got \[4\]"),
+        ({"num_levels": 2, "prefix_lengths": [3]}, r"prefix_lengths must be distinct and in \[1, num_levels=2\], "
+                                                   r"got \[3\]"),
+        ({"ngram_orders": [1, 1]}, r"ngram_orders must be distinct"),
+        ({"ngram_orders": [], "prefix_lengths": []}, "no tokens requested"),
+        ({"max_table_size": 0}, r"max_table_size must be in \[1, 2147483646\], got 0"),
+        ({"unknown_ids": "ignore"}, "unknown_ids must be 'raise' or 'oov', got 'ignore'"),
+    ],
+)
+def test_mismatched_artifact_and_config_raise_at_construction(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"SidFeatureTransform: {message}"):
+        transform(**settings)
+
+
+def test_bad_feature_lists_raise() -> None:
+    with pytest.raises(ValueError, match=r"feature_names must be non-empty and distinct, got \['a', 'a'\]"):
+        SidFeatureTransform(SIDS, ["a", "a"])
+    with pytest.raises(ValueError, match=r"\['user_id'\] are not item features of this transform"):
+        transform().embedding_bag_configs(8, feature_names=["user_id"])
+
+
+class TokensToEmbeddings(nn.Module):
+    def __init__(self, unknown_ids: str = "raise") -> None:
+        super().__init__()
+        self.transform = transform(prefix_lengths=[2, 3], max_table_size=64, unknown_ids=unknown_ids)
+        torch.manual_seed(0)
+        self.ebc = EmbeddingBagCollection(tables=self.transform.embedding_bag_configs(4))
+
+    def forward(self, features: KeyedJaggedTensor) -> Tensor:
+        return self.ebc(self.transform(features)).values()
+
+
+def test_traced_matches_eager_and_scripted_export_reloads(tmp_path: Path) -> None:
+    model = TokensToEmbeddings()
+    traced = symbolic_trace(model)
+    torch.testing.assert_close(traced(batch()), model(batch()))
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(traced), path)
+    scripted = torch.jit.load(path)
+    torch.testing.assert_close(scripted(batch()), model(batch()))
+    with pytest.raises(torch.jit.Error, match=r"feature 'item_id' has item id 7 outside \[0, 5\)"):
+        scripted(KeyedJaggedTensor.from_lengths_sync(keys=ITEM_FEATURES, values=torch.tensor([7]),
+                                                     lengths=torch.tensor([1, 0])))
+
+
+def test_exports_with_dynamic_kjt_shapes() -> None:
+    """torch.export (non-strict) with the KJT's values and lengths dynamic; unknown-id checks are not exported."""
+    model, example = TokensToEmbeddings(unknown_ids="oov"), batch()
+    shapes = ShapesCollection()
+    shapes[example.values()] = {0: Dim.AUTO}
+    shapes[example.lengths()] = {0: Dim.AUTO}
+    exported = torch.export.export(model, (example,), dynamic_shapes=shapes.dynamic_shapes(model, (example,)),
+                                   strict=False)
+    other = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", *ITEM_FEATURES],
+                                                values=torch.tensor([10, 11, 2, 9, 4, 0, 1, 3, -1, 2]),
+                                                lengths=torch.tensor([1, 1, 1, 1, 2, 4]))
+    torch.testing.assert_close(exported.module()(other), model(other))

@@ -1,0 +1,358 @@
+"""DMQN (Wei et al., SIGIR 2025): compress a long history into interest clusters, then attend from the candidate.
+
+Three parts, method notes in ``shared/papers/dmqn.md``:
+
+- MCQM (:class:`MultiClusterQuantizer`): N codebooks of W codewords in N latent spaces; each event is assigned
+  one codeword per codebook (Gumbel-softmax, straight-through in training, argmax at inference); a cluster is the
+  mean of its events' embeddings. N·W clusters whatever L is.
+- ICIM: HSTU over the N·W cluster tokens (padding = empty clusters; time bias from the clusters' mean times).
+- CTAM: target attention (DIN's activation unit) from the candidate over the non-empty clusters.
+
+MCQM and ICIM do not see the candidate: :meth:`DMQN.encode_user` gives a cacheable :class:`DMQNState` and
+:meth:`DMQN.score` costs O(N·W) per candidate, independent of L. :class:`CachedDMQN` serves from a
+:class:`UserStateCache` (in-process LRU by default).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import astuple, dataclass
+from typing import Callable, Hashable, NamedTuple, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+from torchrec_sid.modules.hstu import HSTU, HSTULayer
+from torchrec_sid.modules.sequence import HistoryBlock, check_history_inputs
+from torchrec_sid.modules.target_attention import TargetAttention
+
+
+@dataclass(frozen=True)
+class TemperatureSchedule:
+    """Gumbel-softmax temperature, decaying exponentially from ``initial`` to ``final`` over ``anneal_steps``
+    training steps, then constant: ``τ(s) = initial · (final / initial) ** (min(s, anneal_steps) / anneal_steps)``.
+    """
+
+    initial: float = 1.0
+    final: float = 0.1
+    anneal_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.final <= self.initial:
+            raise ValueError(f"TemperatureSchedule: need 0 < final <= initial, got initial={self.initial}, "
+                             f"final={self.final}")
+        if self.anneal_steps <= 0:
+            raise ValueError(f"TemperatureSchedule: anneal_steps must be positive, got {self.anneal_steps}")
+
+    def __call__(self, step: Tensor) -> Tensor:
+        """τ at training step ``step`` (a scalar tensor)."""
+        progress = step.clamp(max=self.anneal_steps) / self.anneal_steps
+        return self.initial * (self.final / self.initial) ** progress
+
+
+@torch.fx.wrap
+def gumbel_straight_through(logits: Tensor, step: Tensor, schedule: tuple[float, float, int]) -> Tensor:
+    """Training assignment over the last dim of ``logits``: a Gumbel-softmax draw at ``τ(step)``
+    (``schedule = (initial, final, anneal_steps)``), one-hot in value with the soft gradient; advances the step
+    counter ``step`` in place. An fx leaf, since fx does not proxy buffers: a traced module then reads and
+    advances the step at run time, as the eager one does."""
+    soft = F.gumbel_softmax(logits, tau=TemperatureSchedule(*schedule)(step))
+    step.add_(1)
+    hard = F.one_hot(soft.argmax(dim=-1), logits.size(-1)).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+class Clusters(NamedTuple):
+    """MCQM's output; ``M = N·W`` clusters, codebook-major."""
+
+    embeddings: Tensor  # [B, M, D] mean of the assigned events, zeros for an empty cluster
+    counts: Tensor  # [B, M] events assigned
+    timestamps: Tensor | None  # [B, M] float64 mean time of the assigned events (0 when empty)
+
+
+class MultiClusterQuantizer(nn.Module):
+    """MCQM: each event gets one codeword in each of N codebooks; clusters pool the events assigned to them.
+
+    Logits of event e in codebook j are ``scale · cos(e·P_j, C_j)`` (``P_j: [D, D']``, ``C_j: [W, D']``).
+    Training draws a Gumbel-softmax assignment at the scheduled temperature, one-hot in value with the soft
+    gradient (straight-through), and advances the schedule by one step per call; evaluation takes the argmax.
+
+    Args:
+        embedding_dim: D.
+        num_codebooks: N.
+        codebook_size: W.
+        latent_dim: D'.
+        temperature: the Gumbel-softmax temperature schedule.
+        logit_scale: scale of the cosine logits.
+
+    Example::
+
+        mcqm = MultiClusterQuantizer(embedding_dim=8, num_codebooks=2, codebook_size=4, latent_dim=4).eval()
+        history, mask = torch.randn(1, 5, 8), torch.ones(1, 5, dtype=torch.bool)
+        clusters = mcqm(history, mask)
+        clusters.embeddings.shape, clusters.counts.sum()  # [1, 8, 8], 10 (5 events x 2 codebooks)
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_codebooks: int,
+        codebook_size: int,
+        latent_dim: int,
+        temperature: TemperatureSchedule = TemperatureSchedule(),
+        logit_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        sizes = {"embedding_dim": embedding_dim, "num_codebooks": num_codebooks, "codebook_size": codebook_size,
+                 "latent_dim": latent_dim, "logit_scale": logit_scale}
+        for name, value in sizes.items():
+            if value <= 0:
+                raise ValueError(f"MultiClusterQuantizer: {name} must be positive, got {value}")
+        self.codebook_size = codebook_size
+        self.schedule = temperature
+        self.logit_scale = logit_scale
+        self.projections = nn.Parameter(torch.randn(num_codebooks, embedding_dim, latent_dim) / embedding_dim**0.5)
+        self.codebooks = nn.Parameter(torch.randn(num_codebooks, codebook_size, latent_dim))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def temperature(self) -> Tensor:
+        """The current Gumbel-softmax temperature τ (a scalar tensor)."""
+        return self.schedule(self.step)
+
+    def logits(self, history: Tensor) -> Tensor:
+        """``history: [B, L, D]`` → assignment logits ``[B, L, N, W]``."""
+        latent = F.normalize(torch.einsum("bld,nde->blne", history, self.projections), dim=-1)
+        return self.logit_scale * torch.einsum("blne,nwe->blnw", latent, F.normalize(self.codebooks, dim=-1))
+
+    def gumbel_probabilities(self, history: Tensor) -> Tensor:
+        """Soft Gumbel-softmax assignment at the current temperature, ``[B, L, N, W]``; one-hot as τ → 0.
+
+        Training draws these (and advances the schedule); their sharpness shows the schedule's progress.
+        """
+        return F.gumbel_softmax(self.logits(history), tau=self.temperature(), hard=False)
+
+    def forward(self, history: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Clusters:
+        """``history: [B, L, D]``, ``mask: [B, L]`` bool, ``timestamps: [B, L]`` → :class:`Clusters` (M = N·W)."""
+        history = torch.where(mask[..., None], history, 0.0)
+        if self.training:
+            assignment = gumbel_straight_through(self.logits(history), self.step, astuple(self.schedule))
+        else:
+            assignment = F.one_hot(self.logits(history).argmax(dim=-1), self.codebook_size).to(history.dtype)
+        assignment = (assignment * mask[..., None, None]).flatten(2)  # [B, L, M]
+        counts = assignment.sum(dim=1)
+        denominator = counts.detach().clamp(min=1)[..., None]
+        embeddings = (assignment.transpose(1, 2) @ history) / denominator
+        mean_times = None
+        if timestamps is not None:
+            times = torch.where(mask, timestamps, 0).double()
+            mean_times = (assignment.detach().double().transpose(1, 2) @ times[..., None]).squeeze(-1)
+            mean_times = mean_times / counts.detach().double().clamp(min=1)
+        return Clusters(embeddings, counts, mean_times)
+
+
+class DMQNState(NamedTuple):
+    """A user's candidate-independent DMQN state, what :class:`CachedDMQN` caches."""
+
+    clusters: Tensor  # [B, M, D] cluster tokens after ICIM, zeros at empty clusters
+    mask: Tensor  # [B, M] bool, True at non-empty clusters
+
+
+class DMQN(HistoryBlock):
+    """DMQN: MCQM clusters of the whole history → HSTU over clusters (ICIM) → candidate attention (CTAM).
+
+    A cluster token is the mean of its events + a learned embedding of its (codebook, codeword) + ``log(1 +
+    count)`` times a learned vector. Empty clusters are padding for ICIM and CTAM, so a history without events
+    gives zeros. Uses ``history_timestamps`` (when given and ``num_time_buckets > 0``) for ICIM's time bias
+    between cluster mean times; ignores ``history_keys`` and ``candidate_key``. Each training forward advances
+    the Gumbel temperature schedule by one step.
+
+    Args:
+        embedding_dim: D of history and candidate embeddings; also ``output_dim``.
+        num_codebooks: N.
+        codebook_size: W (N·W clusters in all).
+        latent_dim: D' of each codebook's latent space.
+        num_layers: HSTU layers in ICIM.
+        num_heads: HSTU heads.
+        attention_dim: HSTU per-head dimension (queries, keys and values).
+        num_time_buckets: ICIM's time-bias buckets; 0 ignores timestamps.
+        attention_hidden_dims: hidden widths of CTAM's activation unit.
+        temperature: MCQM's Gumbel-softmax temperature schedule.
+        logit_scale: scale of MCQM's cosine logits.
+        dropout: HSTU dropout.
+
+    Example::
+
+        # 2 users, histories of 6 and 2 events padded to L=6; one candidate each
+        dmqn = DMQN(embedding_dim=8, num_codebooks=2, codebook_size=4).eval()
+        history, mask = torch.randn(2, 6, 8), torch.arange(6) < torch.tensor([[6], [2]])
+        timestamps = torch.arange(12).view(2, 6) * 3600
+        dmqn(history, mask, torch.randn(2, 8), history_timestamps=timestamps)  # [2, 8]
+        state = dmqn.encode_user(history, mask, timestamps)  # cacheable, candidate-independent
+        dmqn.score(state, torch.randn(2, 256, 8))  # [2, 256, 8]: 256 candidates per user
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_codebooks: int = 4,
+        codebook_size: int = 32,
+        latent_dim: int = 32,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        attention_dim: int = 32,
+        num_time_buckets: int = 32,
+        attention_hidden_dims: Sequence[int] = (80, 40),
+        temperature: TemperatureSchedule = TemperatureSchedule(),
+        logit_scale: float = 10.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_layers <= 0:
+            raise ValueError(f"DMQN: num_layers must be positive, got {num_layers}")
+        self.embedding_dim = embedding_dim
+        self.output_dim = embedding_dim
+        self.uses_time = num_time_buckets > 0
+        self.quantizer = MultiClusterQuantizer(embedding_dim, num_codebooks, codebook_size, latent_dim,
+                                               temperature, logit_scale)
+        num_clusters = num_codebooks * codebook_size
+        self.cluster_embedding = nn.Parameter(0.02 * torch.randn(num_clusters, embedding_dim))
+        self.size_embedding = nn.Parameter(0.02 * torch.randn(embedding_dim))
+        self.interaction = HSTU([
+            HSTULayer(embedding_dim, num_heads, attention_dim, attention_dim, max_relative_position=None,
+                      num_time_buckets=num_time_buckets, dropout=dropout)
+            for _ in range(num_layers)
+        ])
+        self.target_attention = TargetAttention(embedding_dim, attention_hidden_dims)
+
+    def encode_user(self, history: Tensor, mask: Tensor, history_timestamps: Tensor | None = None) -> DMQNState:
+        """MCQM + ICIM: ``history: [B, L, D]``, ``mask: [B, L]``, ``history_timestamps: [B, L]`` → state."""
+        check_history_inputs("DMQN", self.embedding_dim, history, mask, history_timestamps=history_timestamps)
+        clusters = self.quantizer(history, mask, history_timestamps if self.uses_time else None)
+        tokens = (clusters.embeddings + self.cluster_embedding
+                  + torch.log1p(clusters.counts)[..., None] * self.size_embedding)
+        cluster_mask = clusters.counts.detach() > 0
+        return DMQNState(self.interaction(tokens, cluster_mask, clusters.timestamps), cluster_mask)
+
+    def score(self, state: DMQNState, candidates: Tensor) -> Tensor:
+        """CTAM: ``candidates: [B, C, D]`` against ``state`` (batch B) → interest vectors ``[B, C, D]``."""
+        if not is_fx_symbolic_tracing() and (
+            candidates.dim() != 3 or candidates.size(0) != state.clusters.size(0)
+            or candidates.size(-1) != self.embedding_dim
+        ):
+            raise ValueError(f"DMQN: candidates must be [B={state.clusters.size(0)}, C, D={self.embedding_dim}], "
+                             f"got shape {tuple(candidates.shape)}")
+        return self.target_attention(state.clusters, state.mask, candidates)
+
+    def forward(
+        self,
+        history: Tensor,
+        mask: Tensor,
+        candidate: Tensor,
+        history_timestamps: Tensor | None = None,
+        history_keys: Tensor | None = None,
+        candidate_key: Tensor | None = None,
+    ) -> Tensor:
+        """``history: [B, L, D]``, ``mask: [B, L]``, ``candidate: [B, D]``, ``history_timestamps: [B, L]`` →
+        ``[B, D]``."""
+        check_history_inputs("DMQN", self.embedding_dim, history, mask, candidate)
+        state = self.encode_user(history, mask, history_timestamps)
+        return self.score(state, candidate[:, None]).squeeze(1)
+
+
+class UserStateCache(Protocol):
+    """Where :class:`CachedDMQN` keeps user states (in-process LRU, Redis, ...), by user key."""
+
+    def get(self, key: Hashable) -> DMQNState | None: ...
+
+    def put(self, key: Hashable, state: DMQNState) -> None: ...
+
+
+class LRUStateCache:
+    """In-process :class:`UserStateCache` holding the ``capacity`` most recently used states.
+
+    Example::
+
+        cache = LRUStateCache(capacity=2)
+        state = DMQNState(clusters=torch.randn(128, 8), mask=torch.ones(128, dtype=torch.bool))  # one user
+        cache.put(("user 7", 120), state)  # key: (user id, history version)
+        cache.get(("user 7", 120))          # state; None once evicted or never put
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        if capacity <= 0:
+            raise ValueError(f"LRUStateCache: capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self._states: OrderedDict[Hashable, DMQNState] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, key: Hashable) -> DMQNState | None:
+        state = self._states.get(key)
+        if state is not None:
+            self._states.move_to_end(key)
+        return state
+
+    def put(self, key: Hashable, state: DMQNState) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        if len(self._states) > self.capacity:
+            self._states.popitem(last=False)
+
+
+class UserHistory(NamedTuple):
+    """Padded histories of some users, as :meth:`DMQN.encode_user` takes them."""
+
+    history: Tensor  # [m, L, D]
+    mask: Tensor  # [m, L] bool
+    timestamps: Tensor | None = None  # [m, L]
+
+
+class CachedDMQN:
+    """Online DMQN: user states come from a cache; only the users missing from it are loaded and encoded.
+
+    A key names one user's history, e.g. ``(user_id, history_version)`` such as the number of events or the
+    time of the latest one, so a history update misses the cache; add a model version to the key when weights
+    change. States are encoded without gradients, with the model in eval mode.
+
+    Args:
+        model: the DMQN, in eval mode.
+        cache: the state store; default a new :class:`LRUStateCache`.
+
+    Example::
+
+        dmqn = DMQN(embedding_dim=8, num_codebooks=2, codebook_size=4).eval()
+        history, mask = torch.randn(2, 6, 8), torch.arange(6) < torch.tensor([[6], [2]])
+        serving = CachedDMQN(dmqn)
+        load = lambda rows: UserHistory(history[rows], mask[rows])  # called for cache misses only
+        keys = [("u1", 6), ("u2", 2)]  # (user id, history version)
+        serving.score(keys, candidates=torch.randn(2, 256, 8), load_history=load)  # [2, 256, 8]; encodes both
+        serving.score(keys, candidates=torch.randn(2, 256, 8), load_history=load)  # cache hits: CTAM only
+    """
+
+    def __init__(self, model: DMQN, cache: UserStateCache | None = None) -> None:
+        self.model = model
+        self.cache: UserStateCache = cache if cache is not None else LRUStateCache()
+
+    def user_states(self, keys: Sequence[Hashable], load_history: Callable[[list[int]], UserHistory]) -> DMQNState:
+        """States of ``keys`` (batch B = len(keys)); ``load_history(rows)`` gives the histories of ``keys[rows]``
+        and is called once, only when some keys miss the cache."""
+        if self.model.training:
+            raise ValueError("CachedDMQN: the model is in training mode (random assignments); call model.eval()")
+        states = [self.cache.get(key) for key in keys]
+        missing = [row for row, state in enumerate(states) if state is None]
+        if missing:
+            with torch.no_grad():
+                encoded = self.model.encode_user(*load_history(missing))
+            for i, row in enumerate(missing):
+                states[row] = DMQNState(encoded.clusters[i].clone(), encoded.mask[i].clone())
+                self.cache.put(keys[row], states[row])
+        return DMQNState(torch.stack([s.clusters for s in states]), torch.stack([s.mask for s in states]))
+
+    def score(self, keys: Sequence[Hashable], candidates: Tensor,
+              load_history: Callable[[list[int]], UserHistory]) -> Tensor:
+        """``candidates: [B, C, D]`` for users ``keys`` (len B) → interest vectors ``[B, C, D]``."""
+        with torch.no_grad():
+            return self.model.score(self.user_states(keys, load_history), candidates)

@@ -1,0 +1,306 @@
+"""SID feature transform: item-id features of a KeyedJaggedTensor → semantic-ID token features for EBC / EC tables.
+
+Token types (Singh et al., ``papers/sid_ngrams.md``), for an item whose SID is ``(c_0, ..., c_{n-1})``, ``c_l`` in
+``[0, K_l)``:
+
+================================== ======================= ===========================
+output feature                     levels combined         exact vocabulary
+================================== ======================= ===========================
+``<feature>__sid_l{l}``            ``c_l``                 ``K_l``
+``<feature>__sid_ngram{m}_l{l}``   ``c_l ... c_{l+m-1}``   ``K_l * ... * K_{l+m-1}``
+``<feature>__sid_prefix{p}``       ``c_0 ... c_{p-1}``     ``K_0 * ... * K_{p-1}``
+================================== ======================= ===========================
+
+(``sid`` is the transform's ``name``.) A token's exact id packs its digits in mixed radix (first level least
+significant, as :func:`~torchrec_sid.sid.packing.pack_codes`). When the exact vocabulary exceeds
+``max_table_size`` the exact id is hashed into ``max_table_size`` rows with :func:`hash_packed_ids`. Under the
+``"oov"`` policy every table gets one more row, its last, that unknown item ids map to.
+
+Every token of every item is computed once, at construction, into the buffer ``item_tokens: [T, N (+1)]`` (int32);
+``forward`` gathers one row per token type and item feature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.pt2.checks import is_pt2_compiling
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_sid.quantizers.base import SemanticIds
+from torchrec_sid.sid.packing import MAX_PACKED, pack_codes
+
+UnknownIdPolicy = Literal["raise", "oov"]
+HASH_PRIME = 2**31 - 1  # Mersenne prime; hashed ids live in [0, HASH_PRIME)
+HASH_MULTIPLIERS = (0x5BD1E995, 0x27D4EB2F)  # for the low and high 31-bit limbs of the packed id
+HASH_OFFSET = 0x165667B1
+MAX_TABLE_SIZE = 2**31 - 2  # rows (plus the OOV row) must fit int32 and the hash range
+
+
+def hash_packed_ids(packed: Tensor, num_buckets: int) -> Tensor:
+    """Stable hash of exact packed token ids ``[...]`` (int64, ``>= 0``) into ``[0, num_buckets)``.
+
+    ``h(x) = ((a_lo * (x mod 2^31) + a_hi * ((x >> 31) mod p) + c) mod p) mod num_buckets`` with ``p = 2^31 - 1``
+    and the constants :data:`HASH_MULTIPLIERS`, :data:`HASH_OFFSET`: a fixed Carter-Wegman hash over the two
+    31-bit limbs of ``x``, exact in int64 arithmetic (no product exceeds 2^62), the same on every machine, process
+    and version (unlike Python's ``hash``).
+    """
+    if not 1 <= num_buckets <= HASH_PRIME:
+        raise ValueError(f"num_buckets must be in [1, {HASH_PRIME}], got {num_buckets}")
+    packed = packed.long()
+    low, high = packed % 2**31, (packed >> 31) % HASH_PRIME
+    mixed = (HASH_MULTIPLIERS[0] * low) % HASH_PRIME + (HASH_MULTIPLIERS[1] * high) % HASH_PRIME + HASH_OFFSET
+    return (mixed % HASH_PRIME) % num_buckets
+
+
+@dataclass(frozen=True)
+class SidToken:
+    """One token type: the SID levels ``[first_level, last_level)`` combined into one id.
+
+    Args:
+        suffix: name part after ``<feature>__<name>_``: ``l0``, ``ngram2_l1``, ``prefix3``.
+        first_level, last_level: the levels combined (``last_level`` exclusive).
+        num_values: exact vocabulary, the product of the levels' cardinalities.
+        num_buckets: table rows for known items: ``num_values`` if it fits ``max_table_size``, else that size.
+    """
+
+    suffix: str
+    first_level: int
+    last_level: int
+    num_values: int
+    num_buckets: int
+
+    @property
+    def hashed(self) -> bool:
+        return self.num_values > self.num_buckets
+
+
+def _check_settings(semantic_ids: SemanticIds, feature_names: Sequence[str], num_levels: int,
+                    ngram_orders: Sequence[int], prefix_lengths: Sequence[int], max_table_size: int,
+                    unknown_ids: str) -> None:
+    """Raises ValueError, naming the setting and the limit, on a configuration the artifact cannot serve."""
+    if not feature_names or len(set(feature_names)) != len(feature_names):
+        raise ValueError(f"SidFeatureTransform: feature_names must be non-empty and distinct, "
+                         f"got {list(feature_names)}")
+    if not 1 <= num_levels <= semantic_ids.num_levels:
+        raise ValueError(f"SidFeatureTransform: num_levels={num_levels} requested, the SemanticIds artifact has "
+                         f"{semantic_ids.num_levels} levels")
+    for setting, values in (("ngram_orders", ngram_orders), ("prefix_lengths", prefix_lengths)):
+        if len(set(values)) != len(values) or any(not 1 <= v <= num_levels for v in values):
+            raise ValueError(f"SidFeatureTransform: {setting} must be distinct and in [1, num_levels={num_levels}], "
+                             f"got {list(values)}")
+    if not ngram_orders and not prefix_lengths:
+        raise ValueError("SidFeatureTransform: no tokens requested: ngram_orders and prefix_lengths are both empty")
+    if not 1 <= max_table_size <= MAX_TABLE_SIZE:
+        raise ValueError(f"SidFeatureTransform: max_table_size must be in [1, {MAX_TABLE_SIZE}], got {max_table_size}")
+    if unknown_ids not in ("raise", "oov"):
+        raise ValueError(f"SidFeatureTransform: unknown_ids must be 'raise' or 'oov', got {unknown_ids!r}")
+
+
+def sid_tokens(cardinalities: Sequence[int], ngram_orders: Sequence[int], prefix_lengths: Sequence[int],
+               max_table_size: int) -> list[SidToken]:
+    """The token types: every window of each n-gram order (order 1: per-level tokens), then each prefix."""
+    spans = [(f"l{first}" if order == 1 else f"ngram{order}_l{first}", first, first + order)
+             for order in ngram_orders for first in range(len(cardinalities) - order + 1)]
+    spans += [(f"prefix{length}", 0, length) for length in prefix_lengths]
+    tokens = []
+    for suffix, first, last in spans:
+        num_values = math.prod(cardinalities[first:last])
+        if num_values - 1 > MAX_PACKED:
+            raise ValueError(f"SidFeatureTransform: token {suffix} spans {num_values} values "
+                             f"(cardinalities {list(cardinalities[first:last])}), more than int64 packs")
+        tokens.append(SidToken(suffix, first, last, num_values, min(num_values, max_table_size)))
+    return tokens
+
+
+def item_token_table(codes: Tensor, cardinalities: Sequence[int], tokens: Sequence[SidToken], oov: bool) -> Tensor:
+    """``codes: [N, levels]`` → ``[T, N (+1 OOV column)]`` int32: row t holds every item's token ``tokens[t]``."""
+    rows = []
+    for token in tokens:
+        packed = pack_codes(codes[:, token.first_level:token.last_level],
+                            cardinalities[token.first_level:token.last_level])
+        ids = hash_packed_ids(packed, token.num_buckets) if token.hashed else packed
+        if oov:
+            ids = torch.cat([ids, torch.tensor([token.num_buckets])])
+        rows.append(ids)
+    return torch.stack(rows).int()
+
+
+def _item_ids(ids: Tensor, feature: str, num_items: int, oov: bool) -> Tensor:
+    """``ids: [n]`` with unknown ids (negative or ``>= num_items``) mapped to the OOV column, or a ValueError."""
+    if oov:
+        return ids.masked_fill((ids < 0) | (ids >= num_items), num_items)
+    if (not torch.jit.is_scripting() and is_pt2_compiling()) or ids.numel() == 0:  # no data-dependent checks
+        return ids
+    low, high = torch.aminmax(ids)
+    if int(low) < 0 or int(high) >= num_items:
+        unknown = ids[(ids < 0) | (ids >= num_items)]
+        raise ValueError(f"SidFeatureTransform: feature '{feature}' has item id {int(unknown[0])} outside "
+                         f"[0, {num_items}), the items of the SemanticIds artifact ({unknown.numel()} unknown ids "
+                         f"in this batch); pass unknown_ids='oov' to map unknown ids to a reserved row")
+    return ids
+
+
+@torch.fx.wrap
+def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_features: list[str],
+                      token_features: list[list[str]], oov: bool) -> KeyedJaggedTensor:
+    """``features`` plus, per item feature, one feature per token type (``item_tokens: [T, N (+1)]``).
+
+    Input features keep their keys, order, values, lengths and weights; derived features follow, with their
+    source's lengths (and weights, when ``features`` has weights). An fx leaf: its data-dependent splits and
+    checks run, never get traced.
+    """
+    if features.variable_stride_per_key():
+        raise ValueError("SidFeatureTransform: variable-batch (VBE) KeyedJaggedTensors are not supported")
+    keys = features.keys()
+    values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
+    stride, length_per_key = features.stride(), features.length_per_key()
+    for feature in item_features:
+        if feature not in keys:
+            raise ValueError(f"SidFeatureTransform: item feature '{feature}' is missing from the input; "
+                             f"its keys are {keys}")
+    sources = [keys.index(feature) for feature in item_features]
+    token_rows = item_tokens.unbind(0)  # one gather per token row: faster than one over [T, N]'s columns
+    num_tokens, num_items = len(token_rows), item_tokens.size(1) - int(oov)
+    num_derived = 0
+    for k in sources:
+        num_derived += num_tokens * length_per_key[k]
+    # each token row's gather is converted straight into its slice of the output: no [T, n] tensor, no cat
+    out_values = values.new_empty(values.numel() + num_derived)
+    out_values[:values.numel()].copy_(values)
+    offset = values.numel()
+    per_key_values = values.split(length_per_key)
+    for feature, k in zip(item_features, sources):
+        ids = _item_ids(per_key_values[k], feature, num_items, oov)
+        for row in token_rows:
+            out_values[offset:offset + length_per_key[k]].copy_(row.index_select(0, ids))
+            offset += length_per_key[k]
+    per_key_lengths = lengths.view(len(keys), stride)
+    out_lengths = [lengths] + [per_key_lengths[k].repeat(num_tokens) for k in sources]
+    out_weights: Tensor | None = None
+    if weights is not None:
+        per_key_weights = weights.split(length_per_key)
+        out_weights = torch.cat([weights] + [per_key_weights[k].repeat(num_tokens) for k in sources])
+    out_keys, out_length_per_key = list(keys), list(length_per_key)
+    for derived, k in zip(token_features, sources):
+        out_keys.extend(derived)
+        out_length_per_key.extend([length_per_key[k]] * num_tokens)
+    return KeyedJaggedTensor(keys=out_keys, values=out_values, weights=out_weights, lengths=torch.cat(out_lengths),
+                             stride=stride, length_per_key=out_length_per_key)
+
+
+class SidFeatureTransform(nn.Module):
+    """Appends semantic-ID token features (per-level, n-gram, prefix n-gram) for item-id features of a KJT.
+
+    Each item feature ``f`` (a candidate ``item_id``, a jagged ``history_item_ids``, ...) gets one new feature per
+    token type, ``f__<name>_<suffix>``, with ``f``'s lengths: one token per item, per event of a sequence. Other
+    features (and ``f`` itself) pass through untouched, weights included; a weighted item feature's weights are
+    carried to its tokens. :meth:`embedding_bag_configs` / :meth:`embedding_configs` build the matching tables.
+
+    One feature per token type, rather than the levels interleaved in one feature: each token type has its own
+    vocabulary, hence its own table that the planner sizes and shards on its own, and each derived feature keeps
+    its source's lengths, so a sequence's tokens stay aligned event by event with its other per-event features.
+
+    Args:
+        semantic_ids: the artifact; ``codes: [N, levels]``, row i = item i.
+        feature_names: item-id features to derive tokens from; their values are item ids in ``[0, N)``.
+        ngram_orders: n-grams of each order over consecutive levels; order 1 gives one token per level.
+        prefix_lengths: prefix n-grams ``(c_0, ..., c_{p-1})``, one per length p.
+        num_levels: use the first ``num_levels`` levels of the artifact (None: all).
+        max_table_size: largest table; a token whose exact vocabulary is larger is hashed into this many rows.
+        unknown_ids: ``"raise"``: a ValueError names the feature, the id and the limit; ``"oov"``: unknown ids
+            (negative, or ``>= N``) get a reserved row, the last of every table.
+        name: token name prefix, so two transforms (two artifacts) give distinct feature and table names.
+
+    Example::
+
+        # 4 items, 3 levels: item 0 -> (0, 1, 5), 1 -> (2, 0, 7), 2 -> (3, 3, 0), 3 -> (1, 2, 3)
+        sids = SemanticIds(codes, cardinalities=[4, 4, 8], quantizer="rq_kmeans", config={})
+        # 2 examples; item_id: [[3], [1]]; history_item_ids: [[0, 2], []]
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["item_id", "history_item_ids"],
+            values=torch.tensor([3, 1, 0, 2]),
+            lengths=torch.tensor([1, 1, 2, 0]),
+        )
+        transform = SidFeatureTransform(sids, ["item_id", "history_item_ids"], ngram_orders=[1],
+                                        prefix_lengths=[2])
+        out = transform(features)
+        # out.keys(): item_id, history_item_ids, item_id__sid_l0, item_id__sid_l1, item_id__sid_l2,
+        #   item_id__sid_prefix2, history_item_ids__sid_l0, ..., history_item_ids__sid_prefix2
+        # out["history_item_ids__sid_l0"]: [[0, 3], []]; out["item_id__sid_prefix2"]: [[1 + 4 * 2], [2 + 4 * 0]]
+        ebc = EmbeddingBagCollection(tables=transform.embedding_bag_configs(embedding_dim=16))
+        ebc(out)  # KeyedTensor: one [2, 16] vector per derived feature (4 tables, each shared by 2 features)
+    """
+
+    def __init__(
+        self,
+        semantic_ids: SemanticIds,
+        feature_names: Sequence[str],
+        ngram_orders: Sequence[int] = (1,),
+        prefix_lengths: Sequence[int] = (),
+        num_levels: int | None = None,
+        max_table_size: int = 2**20,
+        unknown_ids: UnknownIdPolicy = "raise",
+        name: str = "sid",
+    ) -> None:
+        super().__init__()
+        num_levels = semantic_ids.num_levels if num_levels is None else num_levels
+        _check_settings(semantic_ids, feature_names, num_levels, ngram_orders, prefix_lengths, max_table_size,
+                        unknown_ids)
+        cardinalities = semantic_ids.cardinalities[:num_levels]
+        self.feature_names: list[str] = list(feature_names)
+        self.name = name
+        self.oov = unknown_ids == "oov"
+        self.tokens = sid_tokens(cardinalities, ngram_orders, prefix_lengths, max_table_size)
+        self.token_features: list[list[str]] = [self.derived_feature_names(f) for f in self.feature_names]
+        self.register_buffer(
+            "item_tokens", item_token_table(semantic_ids.codes[:, :num_levels], cardinalities, self.tokens, self.oov)
+        )
+
+    def derived_feature_names(self, feature: str) -> list[str]:
+        """Names of the features derived from item feature ``feature``, in output order."""
+        return [f"{feature}__{self.name}_{token.suffix}" for token in self.tokens]
+
+    def table_names(self) -> list[str]:
+        """One table per token type: ``<name>_<suffix>``, e.g. ``sid_l0``, ``sid_prefix2``."""
+        return [f"{self.name}_{token.suffix}" for token in self.tokens]
+
+    def num_embeddings(self) -> list[int]:
+        """Rows per token table: the exact vocabulary or the hash size, plus the OOV row under ``"oov"``."""
+        return [token.num_buckets + int(self.oov) for token in self.tokens]
+
+    def _tables(self, feature_names: Sequence[str] | None) -> list[tuple[str, int, list[str]]]:
+        selected = self.feature_names if feature_names is None else list(feature_names)
+        unknown = sorted(set(selected) - set(self.feature_names))
+        if unknown:
+            raise ValueError(f"SidFeatureTransform: {unknown} are not item features of this transform "
+                             f"({self.feature_names})")
+        derived = [self.derived_feature_names(f) for f in selected]
+        return [(table, rows, [names[t] for names in derived])
+                for t, (table, rows) in enumerate(zip(self.table_names(), self.num_embeddings(), strict=True))]
+
+    def embedding_bag_configs(self, embedding_dim: int, feature_names: Sequence[str] | None = None,
+                              pooling: PoolingType = PoolingType.SUM) -> list[EmbeddingBagConfig]:
+        """Pooled tables for the derived features of ``feature_names`` (None: all item features).
+
+        One table per token type, shared by those features (a candidate and a history look up the same rows).
+        """
+        return [EmbeddingBagConfig(num_embeddings=rows, embedding_dim=embedding_dim, name=table,
+                                   feature_names=features, pooling=pooling)
+                for table, rows, features in self._tables(feature_names)]
+
+    def embedding_configs(self, embedding_dim: int,
+                          feature_names: Sequence[str] | None = None) -> list[EmbeddingConfig]:
+        """Sequence tables (for an ``EmbeddingCollection``), laid out as :meth:`embedding_bag_configs`."""
+        return [EmbeddingConfig(num_embeddings=rows, embedding_dim=embedding_dim, name=table, feature_names=features)
+                for table, rows, features in self._tables(feature_names)]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``features`` (B examples) → the same features plus ``len(feature_names) * T`` token features."""
+        return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov)

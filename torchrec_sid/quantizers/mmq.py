@@ -1,0 +1,259 @@
+"""MMQ tokenizer, stage 1 (Multimodal Mixture-of-Quantization, arXiv 2508.15281; notes: shared/papers/mmq.md).
+
+Modalities ``{m: [B, D_m]}`` (the signals). Experts, each ``Linear(in, H) -> ReLU -> Linear(H, d)``:
+
+* ``N_s`` shared experts read the concatenation ``[x_1; ...; x_M]``; ``N_m`` specific experts per modality read
+  ``x_m``; a softmax gate per modality, ``g_m = softmax(Linear(x_m))`` ``[B, N_m]``, weights its experts.
+* Each expert output ``z_e`` is L2-normalised and quantized to its own codebook's most cosine-similar unit
+  codeword ``c_e`` (one token per expert: a parallel SID, not residual), straight-through.
+* Fused latent ``z_q = sum_shared c_e + sum_m sum_i g_m,i c_m,i``; ``Dec(z_q)`` reconstructs the concatenation
+  (``L_recon``, split per modality); ``Dec_m(sum_i g_m,i c_m,i)`` reconstructs modality m from its own
+  specific tokens only (``L_aux``, summed over modalities).
+* ``L_ortho = sum over groups ||V V^T - I||_F^2``, V the L2-normalised flattened Linear weights (biases
+  excluded) of the group's experts; groups: {shared}, {specific to m} for each m (no cross-group term).
+* ``loss = alpha L_recon + beta L_aux + gamma L_ortho + L_vq`` with the paper's alpha = 12, beta = 10,
+  gamma = 0.005. ``L_vq`` (not in the paper's loss, which gives the codebooks no gradient; the notes' default)
+  is spherical VQ per expert: ``||sg(z^_e) - c_e||^2 + commitment ||z^_e - sg(c_e)||^2`` on unit vectors.
+  Codebooks start from k-means on the unit expert outputs of up to ``init_rows`` training rows; codes unused in
+  an epoch are re-seeded. The validation criterion is ``alpha L_recon + beta L_aux``.
+
+Token order: the shared experts, then each modality's specific experts, modalities in name order.
+Gates are not part of the SID: :meth:`MMQ.decode` uses the training items' mean gate, :meth:`MMQ.reconstruct`
+an item's own gates. Stage 2 (behaviour-aware fine-tuning) trains ``model_`` further with soft indexing:
+:meth:`MMQTokenizer.similarities` gives, per expert, the cosine similarities to its codebook ``[B, E, K]``
+(differentiable), and :func:`soft_one_hot` turns them into the straight-through one-hot
+``softmax(p / tau) + sg(one_hot(argmax p) - softmax(p / tau))``, whose product with a downstream table is a row
+lookup in the forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchrec_sid.quantizers.autoencoder import (
+    NeuralQuantizer,
+    QuantizedAutoencoder,
+    Signals,
+    Step,
+    VectorCodebook,
+    mlp,
+    signal_loss,
+    signal_output,
+)
+from torchrec_sid.quantizers.base import check_setting, register
+
+
+def flat_weights(experts: Sequence[nn.Module]) -> Tensor:
+    """Each expert's Linear weights (biases excluded) flattened into one row: ``[E, P]``."""
+    return torch.stack([torch.cat([m.weight.flatten() for m in expert.modules() if isinstance(m, nn.Linear)])
+                        for expert in experts])
+
+
+def orthogonality_loss(vectors: Tensor) -> Tensor:
+    """``||V V^T - I||_F^2`` of the L2-normalised rows of ``vectors: [E, P]`` (``sum_{i != j} cos^2``)."""
+    unit = F.normalize(vectors, dim=1)
+    return ((unit @ unit.T - torch.eye(len(unit))) ** 2).sum()
+
+
+def mean_abs_cosine(vectors: Tensor) -> float:
+    """Mean ``|cos|`` over the distinct pairs of rows of ``vectors: [E, P]`` (NaN for fewer than two rows)."""
+    unit = F.normalize(vectors.detach().double(), dim=1)
+    pairs = torch.triu_indices(len(unit), len(unit), offset=1)
+    return (unit @ unit.T)[pairs[0], pairs[1]].abs().mean().item()
+
+
+def soft_one_hot(similarities: Tensor, tau: float) -> Tensor:
+    """Stage-2 soft index: ``[..., K]`` -> one-hot of the argmax (forward), gradient of ``softmax(p / tau)``."""
+    soft = torch.softmax(similarities / tau, dim=-1)
+    hard = F.one_hot(similarities.argmax(-1), similarities.shape[-1]).to(soft.dtype)
+    return soft + (hard - soft).detach()
+
+
+class MMQTokenizer(QuantizedAutoencoder):
+    """Shared and modality-specific experts, gates, one cosine codebook per expert, fused and auxiliary decoders.
+
+    Args:
+        dims: ``{m: D_m}``, the modalities in order.
+        losses: ``{m: loss}`` (``cosine``, ``mse`` or ``bce``) for ``L_recon`` and ``L_aux``.
+        num_shared: N_s, shared experts.
+        num_specific: N_m, experts per modality.
+        hidden_dim: H, hidden width of experts and decoders.
+        latent_dim: d, width of expert outputs and codewords.
+        codebook_size: K, codewords per expert.
+        alpha, beta, gamma: weights of ``L_recon``, ``L_aux``, ``L_ortho``.
+        commitment: weight of the spherical-VQ commitment term.
+
+    Example::
+
+        model = MMQTokenizer({"text": 384, "meta": 28}, {"text": "mse", "meta": "mse"}, 2, 2, 256, 64, 64,
+                             12.0, 10.0, 0.005, 0.25)
+        step = model({"text": torch.randn(8, 384), "meta": torch.rand(8, 28)})  # step.codes: [8, 6]
+        p = model.similarities({"text": torch.randn(8, 384), "meta": torch.rand(8, 28)})  # [8, 6, 64]
+    """
+
+    def __init__(self, dims: dict[str, int], losses: dict[str, str], num_shared: int, num_specific: int,
+                 hidden_dim: int, latent_dim: int, codebook_size: int, alpha: float, beta: float, gamma: float,
+                 commitment: float) -> None:
+        super().__init__()
+        self.dims, self.losses = dict(dims), dict(losses)
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        total = sum(dims.values())
+        self.shared = nn.ModuleList(mlp(total, hidden_dim, latent_dim) for _ in range(num_shared))
+        self.specific = nn.ModuleDict({m: nn.ModuleList(mlp(d, hidden_dim, latent_dim) for _ in range(num_specific))
+                                       for m, d in dims.items()})
+        self.gates = nn.ModuleDict({m: nn.Linear(d, num_specific) for m, d in dims.items()})
+        num_experts = num_shared + num_specific * len(dims)
+        self.codebooks = nn.ModuleList(VectorCodebook(codebook_size, latent_dim, "cosine", commitment)
+                                       for _ in range(num_experts))
+        self.decoder = mlp(latent_dim, hidden_dim, total)
+        self.aux_decoders = nn.ModuleDict({m: mlp(latent_dim, hidden_dim, d) for m, d in dims.items()})
+        self.register_buffer("mean_gates", torch.full((len(dims), num_specific), 1.0 / num_specific))
+
+    @property
+    def expert_groups(self) -> dict[str, nn.ModuleList]:
+        """``{"shared": experts, m: experts specific to m}``: the orthogonality groups."""
+        return {"shared": self.shared, **self.specific}
+
+    def expert_outputs(self, signals: Signals) -> list[Tensor]:
+        """Every expert's output ``[B, latent_dim]``, in token order."""
+        joint = torch.cat([signals[m] for m in self.dims], dim=1)
+        return [e(joint) for e in self.shared] + [e(signals[m]) for m in self.dims for e in self.specific[m]]
+
+    def gate_weights(self, signals: Signals) -> Tensor:
+        """Softmax gates ``[B, M, N_m]`` of the modality-specific experts."""
+        return torch.stack([torch.softmax(self.gates[m](signals[m]), dim=1) for m in self.dims], dim=1)
+
+    def similarities(self, signals: Signals) -> Tensor:
+        """Cosine similarity of each expert's output to each codeword of its codebook: ``[B, E, K]``."""
+        outputs = self.expert_outputs(signals)
+        return torch.stack([cb.similarities(z) for cb, z in zip(self.codebooks, outputs, strict=True)], dim=1)
+
+    def _fuse(self, quantized: list[Tensor], gates: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-expert vectors ``E x [B, d]`` and gates ``[B, M, N_m]`` -> fused ``[B, d]`` and the gated sum of each
+        modality's specific vectors ``[M, B, d]``."""
+        num_shared = len(self.shared)
+        specific = torch.stack(quantized[num_shared:]).view(len(self.dims), gates.shape[2], *quantized[0].shape)
+        per_modality = torch.einsum("msbd,bms->mbd", specific, gates)
+        return sum(quantized[:num_shared]) + per_modality.sum(0), per_modality
+
+    def _outputs(self, fused: Tensor, per_modality: Tensor) -> tuple[Signals, Signals]:
+        """Decoder outputs: ``Dec(fused)`` split by modality, and ``Dec_m`` of each modality's gated vector."""
+        joint = dict(zip(self.dims, self.decoder(fused).split(list(self.dims.values()), dim=1), strict=True))
+        aux = {m: self.aux_decoders[m](per_modality[i]) for i, m in enumerate(self.dims)}
+        return joint, aux
+
+    def forward(self, signals: Signals) -> Step:
+        quantized = [cb(z) for cb, z in zip(self.codebooks, self.expert_outputs(signals), strict=True)]
+        joint, aux = self._outputs(*self._fuse([q.z_q for q in quantized], self.gate_weights(signals)))
+        recon = sum(signal_loss(self.losses[m], signals[m], joint[m]) for m in self.dims)
+        aux_loss = sum(signal_loss(self.losses[m], signals[m], aux[m]) for m in self.dims)
+        groups = [group for group in self.expert_groups.values() if len(group) > 1]
+        ortho = sum((orthogonality_loss(flat_weights(group)) for group in groups), start=torch.zeros(()))
+        vq = sum(q.loss for q in quantized)
+        reconstruction = self.alpha * recon + self.beta * aux_loss
+        parts = {"recon": recon.detach(), "aux": aux_loss.detach(), "ortho": ortho.detach(), "vq": vq.detach()}
+        return Step(reconstruction + self.gamma * ortho + vq, reconstruction,
+                    torch.cat([q.codes for q in quantized], dim=1), parts)
+
+    def encode(self, signals: Signals) -> Tensor:
+        return self.similarities(signals).argmax(dim=-1)
+
+    def decode(self, codes: Tensor) -> Signals:
+        quantized = [cb.codewords()[codes[:, e]] for e, cb in enumerate(self.codebooks)]
+        joint, _ = self._outputs(*self._fuse(quantized, self.mean_gates.expand(len(codes), -1, -1)))
+        return {m: signal_output(self.losses[m], out) for m, out in joint.items()}
+
+    def reconstruct(self, signals: Signals) -> Signals:
+        """Reconstructions ``{m: [B, D_m]}`` from the items' tokens and their own gates."""
+        quantized = [cb.codewords()[cb.assign(z)] for cb, z in zip(self.codebooks, self.expert_outputs(signals),
+                                                                     strict=True)]
+        joint, _ = self._outputs(*self._fuse(quantized, self.gate_weights(signals)))
+        return {m: signal_output(self.losses[m], out) for m, out in joint.items()}
+
+    def initialise(self, signals: Signals, generator: torch.Generator) -> None:
+        for cb, z in zip(self.codebooks, self.expert_outputs(signals), strict=True):
+            cb.initialise(z, generator)
+
+    def calibrate(self, signals: Signals) -> None:
+        """Sets ``mean_gates`` to the mean gate of the training items."""
+        self.mean_gates.copy_(self.gate_weights(signals).mean(0))
+
+
+@register("mmq")
+class MMQ(NeuralQuantizer):
+    """MMQ stage-1 tokenizer: a parallel SID of one token per expert (:class:`MMQTokenizer`).
+
+    Args:
+        signals: ``{modality: loss}``, e.g. ``{"text": "mse", "meta": "mse"}`` (the paper's squared errors);
+            None: one embedding with cosine loss.
+        num_shared: N_s, shared experts (paper: 2).
+        num_specific: N_m, experts per modality (paper: 2).
+        codebook_size: K, codewords per expert.
+        latent_dim: d, width of expert outputs and codewords.
+        hidden_dim: H, hidden width of experts and decoders.
+        alpha, beta, gamma: weights of ``L_recon``, ``L_aux``, ``L_ortho`` (paper: 12, 10, 0.005).
+        commitment: weight of the spherical-VQ commitment term.
+        max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows, chunk_size, seed: training
+            (:class:`~torchrec_sid.quantizers.autoencoder.NeuralQuantizer`).
+
+    Codes: ``[N, N_s + M N_m]``, token e in ``[0, K)`` (:attr:`token_names` gives each column's expert).
+
+    Example::
+
+        x = {"text": torch.randn(1000, 384), "meta": torch.rand(1000, 28)}  # {modality: [N, D_m]}
+        q = MMQ({"text": "mse", "meta": "mse"}, codebook_size=32, max_epochs=5).fit(x)
+        codes = q.encode(x)  # [1000, 6]: shared_0, shared_1, meta_0, meta_1, text_0, text_1
+        p = q.similarities(x)  # [1000, 6, 32] cosine similarities, for stage-2 soft indexing
+    """
+
+    def __init__(self, signals: dict[str, str] | None = None, num_shared: int = 2, num_specific: int = 2,
+                 codebook_size: int = 64, latent_dim: int = 64, hidden_dim: int = 256, alpha: float = 12.0,
+                 beta: float = 10.0, gamma: float = 0.005, commitment: float = 0.25, max_epochs: int = 100,
+                 batch_size: int = 256, lr: float = 1e-3, patience: int = 10, tol: float = 1e-3,
+                 valid_frac: float = 0.1, init_rows: int = 4096, chunk_size: int = 4096, seed: int = 0) -> None:
+        super().__init__(signals, max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows, chunk_size, seed)
+        check_setting("num_shared", num_shared, 0)
+        for name, value in (("num_specific", num_specific), ("codebook_size", codebook_size),
+                            ("latent_dim", latent_dim), ("hidden_dim", hidden_dim)):
+            check_setting(name, value, 1)
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("commitment", commitment)):
+            check_setting(name, value, 0.0)
+        self.num_shared = num_shared
+        self.num_specific = num_specific
+        self.codebook_size = codebook_size
+        self.latent_dim = latent_dim
+        self.hidden_dim = hidden_dim
+        self.alpha = alpha
+        self.beta = beta
+        self.gamma = gamma
+        self.commitment = commitment
+
+    @property
+    def token_names(self) -> list[str]:
+        """The expert behind each code column: ``shared_<i>``, then ``<modality>_<i>``."""
+        return ([f"shared_{i}" for i in range(self.num_shared)]
+                + [f"{m}_{i}" for m in self.signal_losses for i in range(self.num_specific)])
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [self.codebook_size] * len(self.token_names)
+
+    def _build_model(self, dims: dict[str, int]) -> MMQTokenizer:
+        return MMQTokenizer(dims, self.signal_losses, self.num_shared, self.num_specific, self.hidden_dim,
+                            self.latent_dim, self.codebook_size, self.alpha, self.beta, self.gamma, self.commitment)
+
+    @torch.no_grad()
+    def similarities(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Per expert, the cosine similarities to its codebook: ``[N, E, K]`` (argmax over K = :meth:`encode`)."""
+        signals = self._check_inputs(x)
+        return self._chunked(self.model_.similarities, signals)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor | Mapping[str, Tensor]) -> Tensor | Signals:
+        """Reconstruction from the items' tokens with their own gates (``decode`` uses the mean gate)."""
+        signals = self._check_inputs(x)
+        return self._unwrap(self._chunked(self.model_.reconstruct, signals))

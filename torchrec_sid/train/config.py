@@ -1,0 +1,110 @@
+"""The train job's configuration: one YAML file is a complete run (see ``examples/movielens_*.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from torchrec_sid.data.synthetic import SyntheticConfig
+from torchrec_sid.models.dlrm import ModelConfig, SidTokenConfig
+
+DATA_SOURCES = ("movielens", "synthetic")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs.
+
+    Args:
+        name: the run's name in result tables.
+        data: ``movielens`` or ``synthetic``.
+        ml100k: official ml-100k folder (None: the PyPI wheel copy).
+        synthetic: :class:`~torchrec_sid.data.synthetic.SyntheticConfig` fields for ``data: synthetic``.
+        semantic_ids: a ``SemanticIds`` file (from ``torchrec-sid quantize``), needed by SID features and SIM.
+        model: :class:`~torchrec_sid.models.dlrm.ModelConfig` fields.
+        batch_size: examples per batch on each process.
+        epochs: passes over the training split.
+        learning_rate: Adam's, for the dense parameters.
+        embedding_learning_rate: row-wise Adagrad's, fused into the sharded tables' backward.
+        seed: seed of the model initialisation and the shuffle.
+        out: folder for results, TensorBoard scalars and checkpoints.
+        checkpoint_every: also checkpoint every this many steps (0: only at the end of each epoch).
+        resume: continue from the newest checkpoint in ``out`` when there is one.
+        eval_splits: splits evaluated after training.
+        max_steps: stop after this many steps (None: all epochs); for tests and smoke runs.
+    """
+
+    name: str = "run"
+    data: str = "movielens"
+    ml100k: str | None = None
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    semantic_ids: str | None = None
+    model: ModelConfig = ModelConfig()
+    batch_size: int = 512
+    epochs: int = 2
+    learning_rate: float = 1e-3
+    embedding_learning_rate: float = 0.05
+    seed: int = 0
+    out: str = "outputs/run"
+    checkpoint_every: int = 0
+    resume: bool = False
+    eval_splits: tuple[str, ...] = ("valid", "test", "cold")
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"train.data must be one of {DATA_SOURCES}, got {self.data!r}")
+        for name in ("batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "embedding_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        unknown = set(self.eval_splits) - {"train", "valid", "test", "cold"}
+        if unknown:
+            raise ValueError(f"train.eval_splits has unknown split(s) {sorted(unknown)}")
+        if self.data == "synthetic":
+            SyntheticConfig(**self.synthetic)  # raises on a bad field, naming it
+
+    def synthetic_config(self) -> SyntheticConfig:
+        return SyntheticConfig(**self.synthetic)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> TrainConfig:
+        """Builds a config from plain data (parsed YAML), rejecting unknown keys with their names."""
+        raw = dict(raw)
+        _check_keys(raw, cls, where)
+        model = dict(raw.pop("model", {}) or {})
+        _check_keys(model, ModelConfig, f"{where}: model")
+        if "sid_tokens" in model:
+            _check_keys(model["sid_tokens"], SidTokenConfig, f"{where}: model.sid_tokens")
+            tokens = {k: tuple(v) if isinstance(v, list) else v for k, v in model["sid_tokens"].items()}
+            model["sid_tokens"] = SidTokenConfig(**tokens)
+        for key in ("item_representation", "dense_layers", "over_layers"):
+            if key in model:
+                model[key] = tuple(model[key])
+        if "eval_splits" in raw:
+            raw["eval_splits"] = tuple(raw["eval_splits"])
+        return cls(model=ModelConfig(**model), **raw)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+        """Reads a YAML file; ``overrides`` that are not None replace top-level fields."""
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(raw, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_keys(raw: dict[str, Any], cls: type, where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
