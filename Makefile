@@ -33,6 +33,7 @@ test: setup
 
 bench: setup
 	$(BIN)/pip install --quiet -e '.[test,bench]'
+	for script in benchmarks/[a-z]*.py; do [ "$$script" = benchmarks/common.py ] || $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV)

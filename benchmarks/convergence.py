@@ -23,14 +23,20 @@ curves to ``benchmarks/results/convergence.json``; prints a summary table.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-from pathlib import Path
-from typing import Any
+import os
 
-import matplotlib
-import matplotlib.ticker
+# before torch, faiss and scikit-learn start their OpenMP runtimes: idle threads sleep instead of spinning
+# (this 2-core machine is shared; see common.OMP_WAIT_NOTE)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import matplotlib  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -29,20 +29,26 @@ Run: ``.venv/bin/python benchmarks/quantizer_quality.py`` (about 3-4 minutes on 
 
 from __future__ import annotations
 
-import argparse
-import math
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
+import os
 
-import numpy as np
-import torch
-from common import format_table, movielens_embeddings, set_threads, stage, synthetic_embeddings, write_json
-from torch import Tensor
+# before torch, faiss and scikit-learn start their OpenMP runtimes: idle threads sleep instead of spinning
+# (this 2-core machine is shared; see common.OMP_WAIT_NOTE)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from torchrec_sid.quantizers import RQGMM, RQKMeans
-from torchrec_sid.quantizers.metrics import (
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import format_table, movielens_embeddings, set_threads, stage, synthetic_embeddings, write_json  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from torchrec_sid.quantizers import RQGMM, RQKMeans  # noqa: E402
+from torchrec_sid.quantizers.metrics import (  # noqa: E402
     cosine_loss,
     perplexity,
     quality_report,
@@ -50,7 +56,7 @@ from torchrec_sid.quantizers.metrics import (
     rmse,
     utilization,
 )
-from torchrec_sid.sid.codes import add_collision_suffix, collision_rate
+from torchrec_sid.sid.codes import add_collision_suffix, collision_rate  # noqa: E402
 
 ITERATIONS = 30
 UTILIZATION_GOAL = 0.95

@@ -116,3 +116,12 @@ def test_two_process_quantize_matches_one_process(embeddings: Path, tmp_path: Pa
                    check=True, env=env, capture_output=True, timeout=120)
     two, one = (SemanticIds.load(tmp_path / f"{n}.safetensors") for n in ("two", "one"))
     assert torch.equal(two.codes, one.codes)
+
+
+def test_ordinal_artifact_keeps_digit_centres_for_side(tmp_path: Path) -> None:
+    from torchrec_sid.modules import SIDEmbedding
+
+    out = tmp_path / "dpca.safetensors"
+    run(QuantizeConfig(method="dpca", data="synthetic", synthetic_items=300, out=str(out),
+                       quantizer={"groups": 1, "depth": 4, "latent_dim": 8, "max_epochs": 2}))
+    SIDEmbedding.from_semantic_ids(SemanticIds.load(out), embedding_dim=8)

@@ -140,8 +140,11 @@ class ItemArch(nn.Module):
         self.embedding_collection = EmbeddingCollection(tables=tables) if tables else None
         self.side: SIDEmbedding | None = None
         if "side" in reps:
-            self.side = SIDEmbedding.from_semantic_ids(semantic_ids, d)
-            self.register_buffer("item_packed", pack_codes(semantic_ids.codes, semantic_ids.cardinalities))
+            # the quantizer's own levels: a collision-suffix level only numbers duplicates, it has no order
+            levels = semantic_ids.num_levels - int(bool(semantic_ids.config.get("collision_suffix")))
+            self.side = SIDEmbedding.from_semantic_ids(semantic_ids, d, num_levels=levels)
+            self.register_buffer("item_packed", pack_codes(semantic_ids.codes[:, :levels],
+                                                           semantic_ids.cardinalities[:levels]))
         self.embedding_dim = d
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[Tensor, Tensor]:

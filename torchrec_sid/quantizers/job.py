@@ -145,8 +145,8 @@ def run(config: QuantizeConfig) -> SemanticIds | None:
     metrics.update(num_items=num_items, metrics_rows=len(sample),
                    utilization=utilization(codes, quantizer.cardinalities),
                    perplexity=perplexity(codes, quantizer.cardinalities))
-    sids = SemanticIds(codes, quantizer.cardinalities, quantizer.name,
-                       {**quantizer.config(), "data": config.data}, metrics)
+    sids = SemanticIds(codes, quantizer.cardinalities, quantizer.name, {**quantizer.config(), "data": config.data},
+                       metrics, digit_centres=quantizer.digit_centres)
     if config.collision_suffix:
         sids = sids.with_collision_suffix()
     sids.save(config.out)
