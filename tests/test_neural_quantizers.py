@@ -131,6 +131,19 @@ def test_semantic_ids_carry_the_digit_structure_through_packing(method, tmp_path
     assert suffixed.digit_centres[-1] == (suffixed.cardinalities[-1] - 1) / 2
 
 
+@pytest.mark.parametrize("method", ["fsq", "dpca"])
+def test_side_embedding_reads_the_artifact_digits_without_a_table(method):
+    from torchrec_sid.modules.side import SIDEmbedding
+
+    q = build(method).fit(inputs(method))
+    sids = SemanticIds.from_quantizer(q, inputs(method))
+    side = SIDEmbedding.from_semantic_ids(sids, embedding_dim=4)
+    digits = side.digits(pack_codes(sids.codes, sids.cardinalities))  # [N, levels], what SIDE projects
+    assert torch.equal(digits, sids.codes.float() - torch.tensor(q.digit_centres))
+    if method == "dpca":
+        assert set(digits.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
 def test_only_ordinal_quantizers_declare_digit_centres(fitted):
     q, x = fitted
     expected = {"rq_vae": None, "mmq": None, "fsq": [1.0, 1.5, 2.0], "dpca": [1.0] * 4}[q.name]

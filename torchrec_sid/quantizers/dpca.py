@@ -10,9 +10,10 @@ unit: its norm is the step of the ternary scalar quantizer.
 
 Training: the decoder reads ``z + sg(z_q - z)``; per level the VQ-VAE codebook term
 ``||sg(r_l) - (s_l u_l + b_l)||^2`` trains ``u_l`` and ``b_l`` (a Lloyd step for three collinear codewords), plus
-``commitment * ||r_l - sg(s_l u_l + b_l)||^2``. The commitment defaults to 0: on MovieLens text embeddings any
-commitment >= 0.01 pulled the latents onto the coarse ternary points until deeper levels emitted one digit only
-(utilisation 1/3); the normalisation already fixes the latent's scale, which is what commitment guards in VQ-VAE.
+``commitment * ||r_l - sg(s_l u_l + b_l)||^2``. The commitment defaults to 0: on MovieLens text embeddings
+(3 groups x 5 levels) a commitment of 0.01 already pulled the latents onto the coarse ternary points until most
+digits were constant (digit utilisation 0.42, 9 distinct codes for 1,682 items; 1.0 and 1,649 without); the
+normalisation fixes the latent's scale, which is what the commitment term guards in VQ-VAE.
 Initialisation (on the encoder outputs of up to ``init_rows`` training rows): the normalisation's statistics,
 then level by level ``b_l`` = the residual's mean and ``u_l`` = its top principal direction scaled by 1.224
 standard deviations of the projection (the Lloyd-Max ternary quantizer of a Gaussian: thresholds +-0.612 sigma).
