@@ -1,15 +1,29 @@
-"""The README's main job: MovieLens-100k end to end, printing what each stage produced."""
+"""The README's main job, MovieLens-100k end to end: data -> content embeddings -> SIDs -> sharded 2-process
+training of a few DLRM configs through TorchX -> a results table (terminal) and chart (PNG).
+
+Every stage is a command a user would run by hand (``torchrec-sid quantize --config examples/quantize_*.yaml``,
+``torchx run -s local_cwd launch/components.py:train --config examples/movielens_*.yaml --nproc 2``); the demo runs
+them from the repository root, with outputs under ``outputs/demo/``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from torchrec_sid.data import movielens
-from torchrec_sid.data.batches import CtrBatches
-from torchrec_sid.quantizers import SemanticIds, build_quantizer
-from torchrec_sid.quantizers.metrics import quality_report
+from torchrec_sid.quantizers.job import QuantizeConfig
+from torchrec_sid.quantizers.job import run as quantize
+
+REPO = Path(__file__).resolve().parents[1]
+QUANTIZE = ("quantize_rq_kmeans", "quantize_rq_gmm", "quantize_dpca")
+TRAIN = ("movielens_id", "movielens_sid_rq_kmeans", "movielens_sid_rq_gmm", "movielens_side", "movielens_hist_din")
 
 
 def nearest_titles(embeddings: torch.Tensor, titles: list[str], query: str, k: int = 5) -> list[tuple[str, float]]:
@@ -23,31 +37,82 @@ def nearest_titles(embeddings: torch.Tensor, titles: list[str], query: str, k: i
     return [(titles[j], float(s)) for s, j in zip(top.values, top.indices)]
 
 
-def run(ml100k: str | None = None) -> None:
-    """Loads the data (source A when ``ml100k`` is a folder, else the PyPI wheel), embeds the items, prints a summary."""
+def run(ml100k: str | None = None, out: str = "outputs/demo", nproc: int = 2) -> list[dict]:
+    """Runs every stage and returns the training results (also written to ``<out>/results.json`` and ``.png``)."""
+    if not (REPO / "launch" / "components.py").is_file():
+        raise RuntimeError(f"the demo runs from a checkout of the repository; {REPO} has no launch/components.py")
+    os.chdir(REPO)
+    root = Path(out)
     t0 = time.perf_counter()
     ml = movielens.load(ml100k)
     print(ml.summary())
-    print(f"[data] loaded in {time.perf_counter() - t0:.1f} s")
-
-    t0 = time.perf_counter()
     content = ml.content()
-    print(f"[content] text {tuple(content.text.shape)} ({content.model}), genres {tuple(content.genres.shape)} "
-          f"in {time.perf_counter() - t0:.1f} s")
     titles = ml.items["title"].tolist()
-    for query in ("Star Wars (1977)", "Toy Story (1995)"):
-        near = ", ".join(f"{t} ({s:.2f})" for t, s in nearest_titles(content.text, titles, query))
-        print(f"[content] nearest to {query}: {near}")
+    near = ", ".join(f"{t} ({s:.2f})" for t, s in nearest_titles(content.text, titles, "Star Wars (1977)"))
+    print(f"[content] text {tuple(content.text.shape)} ({content.model}); nearest to Star Wars (1977): {near}")
 
-    print("[sids] quantizer    levels x K   rmse     cosine loss  utilisation  collisions  recall@20")
-    for method in ("rq_kmeans", "rq_gmm"):
-        quantizer = build_quantizer(method, levels=3, codebook_size=64, seed=0).fit(content.text)
-        sids = SemanticIds.from_quantizer(quantizer, content.text, quality_report(quantizer, content.text))
-        m = sids.with_collision_suffix().metrics
-        print(f"[sids] {method:<12} 3 x 64       {m['rmse']:.5f}  {m['cosine_loss']:.4f}       "
-              f"{min(m['utilization']):.3f}        {m['collision_rate_before_suffix']:.3f}       {m['recall@20']:.3f}")
+    sids: dict[str, Path] = {}
+    for name in QUANTIZE:
+        config = QuantizeConfig.from_yaml(REPO / "examples" / f"{name}.yaml", ml100k=ml100k,
+                                          out=str(root / f"{name.removeprefix('quantize_')}.safetensors"),
+                                          tensorboard=str(root / "tensorboard" / name))
+        m = quantize(config).metrics
+        sids[config.method] = Path(config.out)
+        print(f"[sids] {config.method:<10} rmse {m['rmse']:.5f}  cosine loss {m['cosine_loss']:.4f}  utilisation "
+              f"{min(m['utilization']):.3f}  recall@20 {m.get('recall@20', float('nan')):.3f}  -> {config.out}")
 
-    batch = next(iter(CtrBatches(ml.interactions(), "train", batch_size=256, max_history=50, shuffle=True)))
-    kjt = batch.sparse_features
-    print(f"[batches] dense {tuple(batch.dense_features.shape)}, labels {tuple(batch.labels.shape)}, sparse keys "
-          f"{kjt.keys()}, history lengths mean {kjt['history_item_ids'].lengths().float().mean():.1f}")
+    results = []
+    for name in TRAIN:
+        results.append(_train_with_torchx(name, root / "train" / name, sids, ml100k, nproc))
+        print(f"[train] {results[-1]['name']:<20} test AUC {results[-1]['metrics']['test']['auc']:.4f}  cold AUC "
+              f"{results[-1]['metrics']['cold']['auc']:.4f}")
+
+    from torchrec_sid.cli import format_results
+
+    print(format_results(results))
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+    plot_results(results, root / "results.png")
+    print(f"[demo] results in {root}/results.json and {root}/results.png; {time.perf_counter() - t0:.0f} s in all")
+    return results
+
+
+def _train_with_torchx(name: str, out: Path, sids: dict[str, Path], ml100k: str | None, nproc: int) -> dict:
+    """``torchx run -s local_cwd launch/components.py:train`` on one example config; returns its results."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
+    command = [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", "launch/components.py:train",
+               "--config", f"examples/{name}.yaml", "--nproc", str(nproc), "--out", str(out)]
+    if config.get("semantic_ids"):
+        method = Path(config["semantic_ids"]).stem.removeprefix("movielens_")
+        command += ["--semantic_ids", str(sids[method])]
+    if ml100k:
+        command += ["--ml100k", ml100k]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / "results.json").is_file():
+        raise RuntimeError(f"training {name} failed ({' '.join(command)}):\n{proc.stderr[-4000:]}")
+    return json.loads((out / "results.json").read_text())
+
+
+def plot_results(results: list[dict], path: Path) -> None:
+    """Bar chart of test and cold-start AUC per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in results]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    width = 0.38
+    for offset, split in ((-width / 2, "test"), (width / 2, "cold")):
+        values = [r["metrics"][split]["auc"] for r in results]
+        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=f"{split} AUC")
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylim(0.5, max(r["metrics"]["test"]["auc"] for r in results) + 0.05)
+    ax.set_ylabel("AUC")
+    ax.set_title("MovieLens-100k: temporal test split and cold-start items (2-process sharded training)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
