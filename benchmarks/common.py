@@ -7,6 +7,7 @@ Read-only helpers: nothing here changes library state except :func:`set_threads`
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
 import json
 import math
@@ -25,7 +26,8 @@ from torch import Tensor
 
 RESULTS_DIR = Path(__file__).parent / "results"
 OMP_WAIT_NOTE = (
-    "The scripts set OMP_WAIT_POLICY=PASSIVE (unless already set) before torch, faiss and scikit-learn load their "
+    "The quantizer benchmarks set OMP_WAIT_POLICY=PASSIVE (unless already set) before torch, faiss and scikit-learn "
+    "load their "
     "OpenMP runtimes: on this shared 2-core machine, with other processes running, 2-thread runs with the default "
     "spinning wait policy were 5-40x slower and erratic (a 3-level RQ-KMeans smoke fit took 0.14-2.5 s instead of "
     "0.06 s with 1 thread); with PASSIVE they were steady. On a quiet machine spinning can be slightly faster."
@@ -70,9 +72,16 @@ def matmul_gflops(m: int, k: int, n: int, *, repeats: int = 5, min_seconds: floa
 # ----------------------------------------------------------------------------------------------------- machine
 
 
-def set_threads(n: int) -> dict[str, Any]:
+def set_threads(n: int, preload: Sequence[str] = ()) -> dict[str, Any]:
     """torch, faiss (OpenMP) and, through threadpoolctl, numpy / scikit-learn BLAS and OpenMP pools to ``n``
-    threads each; returns what was set (a missing optional package is reported as such)."""
+    threads each; returns what was set (a missing optional package is reported as such).
+
+    threadpoolctl only limits the libraries already loaded, so the modules in ``preload`` (e.g. ``sklearn.cluster``,
+    which loads scipy's OpenBLAS and scikit-learn's OpenMP runtime) are imported first.
+    """
+    for module in preload:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     torch.set_num_threads(n)
     done: dict[str, Any] = {"torch": torch.get_num_threads()}
     try:
@@ -122,7 +131,7 @@ def machine_facts() -> dict[str, Any]:
         "machine": platform.machine(),
         "load_average_1m": os.getloadavg()[0],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: runtime default, spinning)"),
-        "omp_wait_note": OMP_WAIT_NOTE,
+        **({"omp_wait_note": OMP_WAIT_NOTE} if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else {}),
     }
 
 

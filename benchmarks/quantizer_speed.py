@@ -40,7 +40,8 @@ GaussianMixture per level at equal log-likelihood (section 4).
 
 Run: ``.venv/bin/python benchmarks/quantizer_speed.py`` (about 3 minutes on 2 quiet cores) and
 ``.venv/bin/python benchmarks/quantizer_speed.py --threads 1``; smoke run with ``--quick``. Prints tables and writes
-``benchmarks/results/quantizer_speed.json`` (``quantizer_speed_threads<N>.json`` for other thread counts).
+``benchmarks/results/quantizer_speed.json`` (``quantizer_speed_threads<N>.json`` for other thread counts,
+``..._omp_active.json`` when run with ``OMP_WAIT_POLICY=ACTIVE``, the spinning default, best on a quiet machine).
 """
 
 from __future__ import annotations
@@ -466,7 +467,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.items, args.k, args.iters, args.repeats, args.long_repeats = 2_000, 32, 3, 1, 1
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads, preload=("faiss", "sklearn.cluster", "sklearn.mixture"))
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     x = tiled_embeddings(movielens_embeddings(), args.items, noise=0.3, seed=0)
@@ -510,7 +511,9 @@ def main() -> None:
               "goal": goal, "load_before": load_before, "load_after": os.getloadavg()[0],
               "wall_s": time.perf_counter() - started}
     print_results(result)
-    name = "quantizer_speed" + ("" if args.threads == 2 else f"_threads{args.threads}") + ("_quick" if args.quick else "")
+    policy = os.environ.get("OMP_WAIT_POLICY", "").lower()
+    name = ("quantizer_speed" + ("" if args.threads == 2 else f"_threads{args.threads}")
+            + ("" if policy == "passive" else f"_omp_{policy or 'default'}") + ("_quick" if args.quick else ""))
     path = write_json(name, result)
     print(f"\nwrote {path} ({time.perf_counter() - started:.0f} s)")
 
