@@ -11,7 +11,10 @@ Curves (``max_iter=--iters``, default 30 as in the paper's figure, per level):
 RMSE at iteration i is the per-element RMSE of the full reconstruction through this level with the parameters of
 iteration i (nearest centroid for k-means, MAP component for RQ-GMM); levels > 1 are fit on each method's own
 residuals. The second row of the figure shows RQ-GMM's mean log-likelihood per item per EM iteration, which EM
-must never decrease (the RMSE need not fall monotonically under EM).
+must never decrease (the RMSE need not fall monotonically under EM); the table counts falls larger than 1e-7
+relative (smaller ones, ~1e-6 nats out of ~800, are float32 round-off once EM has converged) and gives the largest.
+With ``tol=0`` Lloyd still stops at a fixed point (inertia exactly unchanged): such a curve is drawn to its end and
+held at its last value when averaging over seeds.
 
 Data: MovieLens-100k item text embeddings (1,682 x 384), L=3, K=64, ``--seeds`` seeds (mean curve, min-max band);
 and the synthetic catalogue (100,000 x 64, L=3, K=256, one seed) unless ``--no-synthetic``.
@@ -104,7 +107,8 @@ def summarise(methods: dict[str, Any], levels: int) -> list[dict[str, Any]]:
                 final = r[-1]
                 near = next(i for i, v in enumerate(r) if abs(v - final) <= NEAR_FINAL * final) + 1
                 lls = [c["ll"][i] for i in em if c["ll"][i] is not None]
-                per_run.append({"encode": run["encode_rmse_per_level"][level], "start": r[0], "final": final, "best": min(r), "near": near,
+                per_run.append({"encode": run["encode_rmse_per_level"][level], "start": r[0], "final": final,
+                                "best": min(r), "near": near,
                                 "init_start": c["rmse"][0],
                                 "ll_first": lls[0] if lls else None, "ll_last": lls[-1] if lls else None,
                                 "ll_decreases": sum(b < a - LL_NOISE * abs(a) for a, b in zip(lls, lls[1:])),

@@ -23,7 +23,7 @@ Rows:
 Goal (issue 3): RQ-GMM (default settings) reconstructs better (lower RMSE) than RQ-KMeans and every faiss row at
 equal bits, with utilisation >= 95% at every level.
 
-Run: ``.venv/bin/python benchmarks/quantizer_quality.py`` (about 3-4 minutes on 2 cores), smoke run with
+Run: ``.venv/bin/python benchmarks/quantizer_quality.py`` (about 3 minutes on 2 cores), smoke run with
 ``--quick``. Prints a table per dataset and writes ``benchmarks/results/quantizer_quality.json``.
 """
 
@@ -44,7 +44,14 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import format_table, movielens_embeddings, set_threads, stage, synthetic_embeddings, write_json  # noqa: E402
+from common import (  # noqa: E402
+    format_table,
+    movielens_embeddings,
+    set_threads,
+    stage,
+    synthetic_embeddings,
+    write_json,
+)
 from torch import Tensor  # noqa: E402
 
 from torchrec_sid.quantizers import RQGMM, RQKMeans  # noqa: E402
