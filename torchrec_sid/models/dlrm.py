@@ -150,8 +150,8 @@ class ItemArch(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> tuple[Tensor, Tensor]:
         candidate_ids = features[ITEM_ID].values()
         history_ids = features[HISTORY_ITEM_IDS].values()
-        candidate = torch.zeros(candidate_ids.size(0), self.embedding_dim)
-        history = torch.zeros(history_ids.size(0), self.embedding_dim)
+        candidate = torch.zeros(candidate_ids.size(0), self.embedding_dim, device=candidate_ids.device)
+        history = torch.zeros(history_ids.size(0), self.embedding_dim, device=history_ids.device)
         if self.embedding_collection is not None:
             if self.transform is not None:
                 features = self.transform(features)
