@@ -109,11 +109,11 @@ def test_two_process_quantize_matches_one_process(embeddings: Path, tmp_path: Pa
     """The CLI under torchrun: 2 gloo ranks each fit and encode half the items; rank 0 writes all codes."""
     args = ["quantize", "--method", "rq_gmm", "--levels", "2", "--codebook-size", "6", "--data", str(embeddings)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "torchrec_sid", *args, "--out", str(tmp_path / "two.safetensors")],
-                   check=True, env=env, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "torchrec_sid", *args, "--out", str(tmp_path / "one.safetensors")],
-                   check=True, env=env, capture_output=True, timeout=120)
+    for launcher, name in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                            "two"), ([sys.executable], "one")):
+        proc = subprocess.run([*launcher, "-m", "torchrec_sid", *args, "--out", str(tmp_path / f"{name}.safetensors")],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     two, one = (SemanticIds.load(tmp_path / f"{n}.safetensors") for n in ("two", "one"))
     assert torch.equal(two.codes, one.codes)
 
