@@ -59,28 +59,20 @@ from torchrec_sid.sid.codes import collision_rate
 
 CODEBOOK_SIZE = 64
 SIGNALS = {"meta": "mse", "text": "mse"}
-DECADES = range(1920, 2000, 10)
 
 
 def movielens_modalities() -> dict[str, Tensor]:
     """``{"text": [1682, 384], "meta": [1682, 28]}``: MiniLM text; genres + release-decade one-hot (+ unknown)."""
     from torchrec_sid.data import movielens
 
-    data = movielens.load()
-    content = data.content(progress=False)
-    year = data.items["year"].astype("Float64").to_numpy(np.float64, na_value=np.nan)
-    decade = np.where(np.isnan(year), len(DECADES), np.clip((np.nan_to_num(year) - DECADES[0]) // 10, 0,
-                                                            len(DECADES) - 1)).astype(np.int64)
-    meta = torch.cat([content.genres.float(), F.one_hot(torch.from_numpy(decade), len(DECADES) + 1).float()], 1)
-    return {"text": content.text.float(), "meta": meta}
+    return movielens.load().signals(progress=False)
 
 
 def synthetic_modalities(num_items: int) -> dict[str, Tensor]:
     """``{"text": [N, 64], "meta": [N, 20]}``: the generator's content and genre flags."""
     from torchrec_sid.data.synthetic import SyntheticConfig, generate_items
 
-    generated = generate_items(SyntheticConfig(num_items=num_items, seed=0))
-    return {"text": generated.content.float(), "meta": torch.from_numpy(generated.genres).float()}
+    return generate_items(SyntheticConfig(num_items=num_items, seed=0)).signals()
 
 
 def fit_timed(q: NeuralQuantizer, x: Tensor | dict[str, Tensor]) -> tuple[float, int]:

@@ -3,7 +3,8 @@
 Both are :func:`torchx.components.dist.ddp` apps that run ``python -m torchrec_sid <command> --config <yaml>``
 under ``torch.distributed.run`` on ``nnodes`` x ``nproc`` processes (``-j {nnodes}x{nproc}``); one process
 (``--nproc 1``) is the same command with a world of one. A config file is all a run needs; the components'
-flags only override its output folder, SIDs, seed and steps. ``torchx run ... launch/components.py:train --help``
+flags only override its output folder, SIDs (and MMQ tokenizer files), seed and steps.
+``torchx run ... launch/components.py:train --help``
 lists every flag; TorchX spells them as the parameters are named (``--max_steps 100``, ``--semantic_ids F``,
 ``--resume True``), and passes them on as ``torchrec-sid train`` flags (``--max-steps 100``, ...).
 
@@ -57,6 +58,8 @@ def train(
     nnodes: int = 1,
     out: Optional[str] = None,
     semantic_ids: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    export_semantic_ids: Optional[str] = None,
     seed: Optional[int] = None,
     max_steps: Optional[int] = None,
     resume: bool = False,
@@ -85,6 +88,8 @@ def train(
         nnodes: nodes (replicas); more than 1 needs a cluster scheduler
         out: output folder, overriding the config's ``out``
         semantic_ids: SemanticIds file, overriding the config's ``semantic_ids``
+        tokenizer: MMQ quantizer file for stage-2 fine-tuning (``soft_sid``), overriding the config's
+        export_semantic_ids: where the fine-tuned SIDs go, overriding the config's
         seed: seed of the initialisation and the shuffle, overriding the config's
         max_steps: stop after this many training steps (smoke runs)
         resume: continue from the newest checkpoint in the output folder
@@ -103,7 +108,8 @@ def train(
         rdzv_port: port of the c10d rendezvous on the first node (multi-node only)
     """
     args = ["train", "--config", config]
-    args += _flags(out=out, semantic_ids=semantic_ids, seed=seed, max_steps=max_steps, ml100k=ml100k)
+    args += _flags(out=out, semantic_ids=semantic_ids, tokenizer=tokenizer, export_semantic_ids=export_semantic_ids,
+                   seed=seed, max_steps=max_steps, ml100k=ml100k)
     if resume:
         args.append("--resume")
     return _app(args, config, "train", nproc=nproc, nnodes=nnodes, image=image, python=python, name=name, cpu=cpu,

@@ -89,3 +89,27 @@ def test_bad_arguments_raise(data, kwargs: dict, message: str) -> None:
     args = {"split": "train", "batch_size": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         CtrBatches(data, **args)
+
+
+@pytest.mark.parametrize("max_history", [None, 2])
+def test_trained_items_are_the_ids_training_batches_show(data, max_history) -> None:
+    seen = np.zeros(data.catalog.num_items, dtype=bool)
+    for batch in CtrBatches(data, "train", batch_size=7, max_history=max_history):
+        seen[batch.sparse_features[ITEM_ID].values().numpy()] = True
+        seen[batch.sparse_features[HISTORY_ITEM_IDS].values().numpy()] = True
+    assert np.array_equal(data.trained_items(max_history), seen)
+
+
+def test_cold_items_are_never_trained(ml100k_folder: Path) -> None:
+    data = movielens.load(ml100k_folder).interactions(cold_frac=0.25)
+    assert len(data.cold_items) and not data.trained_items()[data.cold_items].any()
+
+
+def test_long_tail_split_holds_the_least_trained_test_items(data) -> None:
+    tailed = data.with_long_tail(0.5)
+    counts = np.bincount(data.splits["train"].items, minlength=data.catalog.num_items)
+    tail, test = tailed.splits["tail"], data.splits["test"]
+    assert 0 < len(tail) < len(test) and set(tail.items) <= set(test.items)
+    assert counts[tail.items].max() < counts[np.setdiff1d(test.items, tail.items)].min()
+    with pytest.raises(ValueError, match="fraction"):
+        data.with_long_tail(1.0)

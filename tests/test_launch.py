@@ -51,11 +51,15 @@ def test_train_example_is_a_complete_config(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     assert config.name == raw["name"] and config.data == "movielens"
     assert config.out == f"outputs/train/{path.stem}"  # every example writes its own folder
+    written = {QuantizeConfig.from_yaml(q).out for q in QUANTIZE_CONFIGS}
+    written |= {TrainConfig.from_yaml(t).export_semantic_ids for t in TRAIN_CONFIGS} - {None}
     if config.model.needs_semantic_ids:
-        # the SIDs it reads are what one of the quantize examples writes
-        assert config.semantic_ids in {QuantizeConfig.from_yaml(q).out for q in QUANTIZE_CONFIGS}
+        # the SIDs it reads are what a quantize example (or MMQ stage 2) writes
+        assert config.semantic_ids in written
     else:
         assert config.semantic_ids is None
+    if config.tokenizer is not None:  # MMQ stage 2 reads the tokenizer a quantize example writes
+        assert config.tokenizer in {str(QuantizeConfig.from_yaml(q).quantizer_path) for q in QUANTIZE_CONFIGS}
 
 
 @pytest.mark.parametrize("path", QUANTIZE_CONFIGS, ids=lambda p: p.stem)

@@ -125,3 +125,27 @@ def test_ordinal_artifact_keeps_digit_centres_for_side(tmp_path: Path) -> None:
     run(QuantizeConfig(method="dpca", data="synthetic", synthetic_items=300, out=str(out),
                        quantizer={"groups": 1, "depth": 4, "latent_dim": 8, "max_epochs": 2}))
     SIDEmbedding.from_semantic_ids(SemanticIds.load(out), embedding_dim=8)
+
+
+def test_multi_signal_quantizer_reads_named_signals(tmp_path: Path) -> None:
+    from torchrec_sid.data.synthetic import SyntheticConfig, generate_items
+
+    out = tmp_path / "mmq.safetensors"
+    sids = run(QuantizeConfig(method="mmq", data="synthetic", synthetic_items=300, signals=("text", "meta"),
+                              out=str(out), quantizer={"signals": {"text": "mse", "meta": "mse"}, "num_shared": 1,
+                                                       "num_specific": 1, "codebook_size": 8, "latent_dim": 8,
+                                                       "hidden_dim": 16, "max_epochs": 2}))
+    assert sids.num_levels == 4 and set(sids.metrics["rmse"]) == {"text", "meta"}
+    assert sids.config["signals"] == ["text", "meta"]
+    signals = generate_items(SyntheticConfig(num_items=300, seed=0)).signals()
+    quantizer = Quantizer.load(QuantizeConfig(out=str(out)).quantizer_path)
+    assert torch.equal(quantizer.encode(signals), SemanticIds.load(out).codes[:, :3])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "rq_kmeans", "signals": ("text", "meta")}, "rq_kmeans reads one signal"),
+    ({"method": "mmq", "signals": ("text", "image")}, r"signals \['text', 'image'\]: synthetic has \['meta', 'text'\]"),
+])
+def test_bad_signals_raise(fields: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        run(QuantizeConfig(data="synthetic", synthetic_items=100, out=str(tmp_path / "o.safetensors"), **fields))

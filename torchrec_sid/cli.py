@@ -36,18 +36,27 @@ def _quantize(args: argparse.Namespace) -> None:
     sids = run(config)
     if sids is not None:
         m = sids.metrics
-        print(f"{sids.num_items:,} items -> SIDs of {sids.num_levels} levels {sids.cardinalities}: rmse {m['rmse']:.5f}, "
-              f"cosine loss {m['cosine_loss']:.4f}, utilisation {[round(u, 3) for u in m['utilization']]}, "
+        print(f"{sids.num_items:,} items -> SIDs of {sids.num_levels} levels {sids.cardinalities}: rmse "
+              f"{format_metric(m['rmse'], '.5f')}, cosine loss {format_metric(m['cosine_loss'], '.4f')}, "
+              f"utilisation {[round(u, 3) for u in m['utilization']]}, "
               f"collisions {m['collision_rate_before_suffix' if config.collision_suffix else 'collision_rate']:.3%}"
               f"{' before the suffix level' if config.collision_suffix else ''} -> {config.out}")
+
+
+def format_metric(value: float | dict[str, float], spec: str) -> str:
+    """A metric that is one number, or one per signal (``text 0.12 / meta 0.03``)."""
+    if isinstance(value, dict):
+        return " / ".join(f"{name} {v:{spec}}" for name, v in value.items())
+    return f"{value:{spec}}"
 
 
 def _train(args: argparse.Namespace) -> None:
     from torchrec_sid.train.config import TrainConfig
     from torchrec_sid.train.loop import run
 
-    config = TrainConfig.from_yaml(args.config, out=args.out, semantic_ids=args.semantic_ids, seed=args.seed,
-                                   resume=True if args.resume else None, max_steps=args.max_steps,
+    config = TrainConfig.from_yaml(args.config, out=args.out, semantic_ids=args.semantic_ids,
+                                   tokenizer=args.tokenizer, export_semantic_ids=args.export_semantic_ids,
+                                   seed=args.seed, resume=True if args.resume else None, max_steps=args.max_steps,
                                    ml100k=args.ml100k)
     results = run(config)
     if results is not None:
@@ -70,6 +79,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="YAML", help="a TrainConfig file (see examples/)")
     p.add_argument("--out", help="output folder (results.json, tensorboard/, checkpoints/)")
     p.add_argument("--semantic-ids", help="SemanticIds file (overrides the config's)")
+    p.add_argument("--tokenizer", help="MMQ quantizer file for soft_sid fine-tuning (overrides the config's)")
+    p.add_argument("--export-semantic-ids", help="where fine-tuned SIDs are written (overrides the config's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

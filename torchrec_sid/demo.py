@@ -17,13 +17,16 @@ from pathlib import Path
 
 import torch
 
+from torchrec_sid.cli import format_metric, format_results
 from torchrec_sid.data import movielens
 from torchrec_sid.quantizers.job import QuantizeConfig
 from torchrec_sid.quantizers.job import run as quantize
 
 REPO = Path(__file__).resolve().parents[1]
-QUANTIZE = ("quantize_rq_kmeans", "quantize_rq_gmm", "quantize_dpca")
-TRAIN = ("movielens_id", "movielens_sid_rq_kmeans", "movielens_sid_rq_gmm", "movielens_side", "movielens_hist_din")
+QUANTIZE = ("quantize_rq_kmeans", "quantize_rq_gmm", "quantize_dpca", "quantize_mmq")
+# finetune_mmq (MMQ stage 2) writes the fine-tuned SIDs that movielens_sid_mmq_ft trains on
+TRAIN = ("movielens_id", "movielens_sid_rq_kmeans", "movielens_sid_rq_gmm", "movielens_side", "movielens_sid_mmq",
+         "movielens_finetune_mmq", "movielens_sid_mmq_ft", "movielens_hist_din")
 
 
 def nearest_titles(embeddings: torch.Tensor, titles: list[str], query: str, k: int = 5) -> list[tuple[str, float]]:
@@ -58,16 +61,15 @@ def run(ml100k: str | None = None, out: str = "outputs/demo", nproc: int = 2) ->
                                           tensorboard=str(root / "tensorboard" / name))
         m = quantize(config).metrics
         sids[config.method] = Path(config.out)
-        print(f"[sids] {config.method:<10} rmse {m['rmse']:.5f}  cosine loss {m['cosine_loss']:.4f}  utilisation "
-              f"{min(m['utilization']):.3f}  recall@20 {m.get('recall@20', float('nan')):.3f}  -> {config.out}")
+        print(f"[sids] {config.method:<10} rmse {format_metric(m['rmse'], '.5f')}  cosine loss "
+              f"{format_metric(m['cosine_loss'], '.4f')}  utilisation {min(m['utilization']):.3f}  recall@20 "
+              f"{m.get('recall@20', float('nan')):.3f}  -> {config.out}")
 
     results = []
     for name in TRAIN:
         results.append(_train_with_torchx(name, root / "train" / name, sids, ml100k, nproc))
         print(f"[train] {results[-1]['name']:<20} test AUC {results[-1]['metrics']['test']['auc']:.4f}  cold AUC "
               f"{results[-1]['metrics']['cold']['auc']:.4f}")
-
-    from torchrec_sid.cli import format_results
 
     print(format_results(results))
     (root / "results.json").write_text(json.dumps(results, indent=2))
@@ -86,6 +88,10 @@ def _train_with_torchx(name: str, out: Path, sids: dict[str, Path], ml100k: str 
     if config.get("semantic_ids"):
         method = Path(config["semantic_ids"]).stem.removeprefix("movielens_")
         command += ["--semantic_ids", str(sids[method])]
+    if config.get("tokenizer"):  # MMQ stage 2: the demo's stage-1 tokenizer in, the fine-tuned SIDs out
+        sids["mmq_ft"] = sids["mmq"].with_name("mmq_ft.safetensors")
+        command += ["--tokenizer", str(QuantizeConfig(out=str(sids["mmq"])).quantizer_path),
+                    "--export_semantic_ids", str(sids["mmq_ft"])]
     if ml100k:
         command += ["--ml100k", ml100k]
     proc = subprocess.run(command, capture_output=True, text=True)

@@ -22,6 +22,7 @@ key                  values per example    meaning
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -158,6 +159,26 @@ class InteractionData:
     histories: Histories
     splits: dict[str, Samples]
     cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def trained_items(self, max_history: int | None = None) -> np.ndarray:
+        """``[I]`` bool: items whose id a model trained on ``train`` looks up, as candidate or as one of the
+        ``max_history`` most recent history events of a training sample (None: all events)."""
+        s, hist = self.splits["train"], self.histories
+        lengths = s.history_lengths if max_history is None else np.minimum(s.history_lengths, max_history)
+        seen = np.zeros(self.catalog.num_items, dtype=bool)
+        seen[s.items] = True
+        seen[hist.items[_ranges(hist.offsets[s.users] + s.history_lengths - lengths, lengths)]] = True
+        return seen
+
+    def with_long_tail(self, fraction: float = 0.25) -> InteractionData:
+        """A copy with a ``tail`` split: the ``test`` samples of the least popular items, those whose number of
+        training samples is at most the ``fraction`` quantile of that number over the distinct test items."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        test = self.splits["test"]
+        counts = np.bincount(self.splits["train"].items, minlength=self.catalog.num_items)
+        threshold = np.quantile(counts[np.unique(test.items)], fraction) if len(test) else 0
+        return dataclasses.replace(self, splits={**self.splits, "tail": test.subset(counts[test.items] <= threshold)})
 
     def summary(self) -> str:
         c = self.catalog

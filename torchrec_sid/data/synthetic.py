@@ -140,6 +140,11 @@ class SyntheticData:
     item_clusters: np.ndarray
     click_probability: dict[str, np.ndarray]
 
+    def signals(self) -> dict[str, torch.Tensor]:
+        """The content signals quantizers and models read: ``text`` (the content ``[I, D]``) and ``meta`` (genre
+        multi-hot ``[I, G]``)."""
+        return {"text": self.content, "meta": torch.from_numpy(self.interactions.catalog.item_genres).float()}
+
 
 @dataclass(frozen=True)
 class SyntheticItems:
@@ -154,6 +159,11 @@ class SyntheticItems:
     content: torch.Tensor
     clusters: np.ndarray
     genres: np.ndarray
+
+    def signals(self) -> dict[str, torch.Tensor]:
+        """``text`` (the content ``[I, D]``) and ``meta`` (genre multi-hot ``[I, G]``), as
+        :meth:`SyntheticData.signals`."""
+        return {"text": self.content, "meta": torch.from_numpy(self.genres).float()}
 
 
 def generate(config: SyntheticConfig = SyntheticConfig()) -> SyntheticData:

@@ -7,10 +7,12 @@ are reused):
 * ``dense_arch``: the dense features through an MLP to ``d``.
 * ``item_arch``: one ``d``-vector per item, for the candidate and for every history event, as the sum of the
   configured representations: ``id`` (an item-id table), ``sid`` (SID token / n-gram tables fed by a
-  :class:`~torchrec_sid.modules.SidFeatureTransform`) and ``side`` (table-free
-  :class:`~torchrec_sid.modules.SIDEmbedding`). The id and SID tables live in one ``EmbeddingCollection`` that
-  DistributedModelParallel shards; candidate and history share their rows.
-* ``content_arch`` (optional): the candidate's content embedding through a 2-layer MLP.
+  :class:`~torchrec_sid.modules.SidFeatureTransform`), ``side`` (table-free
+  :class:`~torchrec_sid.modules.SIDEmbedding`) and ``soft_sid`` (MMQ stage 2: soft-indexed SID tokens of a
+  trainable tokenizer, :class:`~torchrec_sid.modules.SoftSidEmbedding`; its small ``[E, K, d]`` tables are dense).
+  The id and SID tables live in one ``EmbeddingCollection`` that DistributedModelParallel shards; candidate and
+  history share their rows.
+* ``content_arch`` (optional): the candidate's text content embedding through a 2-layer MLP.
 * ``history_arch``: a :class:`~torchrec_sid.modules.HistoryBlock` (pooling, PMA, DIN, SIM, DMQN) over the padded
   history, with the candidate as target.
 * ``interaction_arch`` + ``over_arch``: pairwise dot products of all ``d``-vectors, then an MLP to one logit.
@@ -32,12 +34,15 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec_sid.data.batches import (
     HISTORY_ITEM_IDS, HISTORY_TIMESTAMPS, ITEM_GENRES, ITEM_ID, TIMESTAMP, USER_ID, Catalog,
 )
-from torchrec_sid.modules import DIN, DMQN, PMA, SIM, HistoryBlock, MeanPooling, SIDEmbedding, SidFeatureTransform
+from torchrec_sid.modules import (
+    DIN, DMQN, PMA, SIM, HistoryBlock, MeanPooling, SIDEmbedding, SidFeatureTransform, SoftSidEmbedding,
+)
 from torchrec_sid.modules.sequence import jagged_to_padded
 from torchrec_sid.quantizers.base import SemanticIds
+from torchrec_sid.quantizers.mmq import MMQTokenizer
 from torchrec_sid.sid.packing import pack_codes
 
-ITEM_REPRESENTATIONS = ("id", "sid", "side")
+ITEM_REPRESENTATIONS = ("id", "sid", "side", "soft_sid")
 HISTORY_BLOCKS = ("none", "pooling", "pma", "din", "sim", "dmqn")
 
 
@@ -52,14 +57,39 @@ class SidTokenConfig:
 
 
 @dataclass(frozen=True)
+class SoftSidConfig:
+    """MMQ stage 2 (``soft_sid``): soft-index temperature and the weights of the tokenizer's reconstruction
+    (alpha') and auxiliary (beta') losses (see :class:`~torchrec_sid.modules.SoftSidEmbedding`).
+
+    The defaults keep stage 1's weights (12, 10). The paper's 0.5 / 0.5 let the ranking loss collapse one
+    expert's tokens onto a single code on MovieLens-100k (utilisation 1 / 64; collisions 31% -> 68%), at
+    tau = 0.1 and tau = 1 alike; with 12 / 10 every code stays in use.
+    """
+
+    tau: float = 0.1
+    recon_weight: float = 12.0
+    aux_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ValueError(f"model.soft_sid.tau must be > 0, got {self.tau}")
+        for name in ("recon_weight", "aux_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.soft_sid.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The model's shape; every field is checked before anything is built.
 
     Args:
         embedding_dim: d, the width of every feature vector.
-        item_representation: any non-empty combination of ``id``, ``sid``, ``side`` (summed).
+        item_representation: any non-empty combination of ``id``, ``sid``, ``side``, ``soft_sid`` (summed).
+        id_dropout: in training, the probability that an item's id vector is left out of its sum (so the SID
+            parts learn to stand for the item alone, as they must for an item the id table has not learnt).
         sid_tokens: the SID token features, when ``sid`` is used.
-        content: add the candidate's content embedding (needs ``content`` at construction).
+        soft_sid: the stage-2 settings, when ``soft_sid`` is used.
+        content: add the candidate's text embedding (needs the ``text`` signal at construction).
         history_block: ``none``, ``pooling``, ``pma``, ``din``, ``sim`` or ``dmqn``.
         history_options: constructor arguments of the history block (e.g. ``{"top_k": 50}`` for SIM).
         max_history: most recent history events the block sees (the padded length L).
@@ -69,7 +99,9 @@ class ModelConfig:
 
     embedding_dim: int = 32
     item_representation: tuple[str, ...] = ("id",)
+    id_dropout: float = 0.0
     sid_tokens: SidTokenConfig = SidTokenConfig()
+    soft_sid: SoftSidConfig = SoftSidConfig()
     content: bool = False
     history_block: str = "pooling"
     history_options: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +114,10 @@ class ModelConfig:
         if not reps or set(reps) - set(ITEM_REPRESENTATIONS) or len(set(reps)) != len(reps):
             raise ValueError(f"model.item_representation must be distinct values of {ITEM_REPRESENTATIONS}, "
                              f"got {list(reps)}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.id_dropout and "id" not in reps:
+            raise ValueError(f"model.id_dropout is {self.id_dropout} but item_representation {list(reps)} has no id")
         if self.history_block not in HISTORY_BLOCKS:
             raise ValueError(f"model.history_block must be one of {HISTORY_BLOCKS}, got {self.history_block!r}")
         for name in ("embedding_dim", "max_history"):
@@ -114,14 +150,25 @@ class ItemArch(nn.Module):
         config: the model config.
         num_items: I, rows of the id table.
         semantic_ids: the items' SIDs (row i = item i), for ``sid`` and ``side``.
+        tokenizer: the stage-1 MMQ tokenizer, for ``soft_sid`` (trained in place).
+        signals: the items' content ``{m: [I, D_m]}``, for ``soft_sid``.
+        trained_items: ``[I]`` bool, the items whose id rows training updates (None: all). The id vector of
+            any other item is zero, as for an id outside the vocabulary: an untrained row is random noise.
 
     ``forward(features)`` -> ``(candidate [B, d], history values [sum L, d])``, the history in ``features``'
     ``history_item_ids`` layout.
     """
 
-    def __init__(self, config: ModelConfig, num_items: int, semantic_ids: SemanticIds | None) -> None:
+    def __init__(self, config: ModelConfig, num_items: int, semantic_ids: SemanticIds | None,
+                 tokenizer: MMQTokenizer | None = None, signals: dict[str, Tensor] | None = None,
+                 trained_items: Tensor | None = None) -> None:
         super().__init__()
         reps, d = config.item_representation, config.embedding_dim
+        if trained_items is not None and trained_items.shape != (num_items,):
+            raise ValueError(f"trained_items must be [{num_items}], got {tuple(trained_items.shape)}")
+        self.register_buffer("id_known", torch.ones(num_items, dtype=torch.bool) if trained_items is None
+                             else trained_items.bool().clone())
+        self.id_dropout = config.id_dropout
         item_features = [ITEM_ID, HISTORY_ITEM_IDS]
         tables: list[EmbeddingConfig] = []
         if "id" in reps:
@@ -145,29 +192,47 @@ class ItemArch(nn.Module):
             self.side = SIDEmbedding.from_semantic_ids(semantic_ids, d, num_levels=levels)
             self.register_buffer("item_packed", pack_codes(semantic_ids.codes[:, :levels],
                                                            semantic_ids.cardinalities[:levels]))
+        self.soft_sid: SoftSidEmbedding | None = None
+        if "soft_sid" in reps:
+            soft = config.soft_sid
+            self.soft_sid = SoftSidEmbedding(tokenizer, signals, d, soft.tau, soft.recon_weight, soft.aux_weight)
         self.embedding_dim = d
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[Tensor, Tensor]:
         candidate_ids = features[ITEM_ID].values()
         history_ids = features[HISTORY_ITEM_IDS].values()
-        candidate = torch.zeros(candidate_ids.size(0), self.embedding_dim, device=candidate_ids.device)
-        history = torch.zeros(history_ids.size(0), self.embedding_dim, device=history_ids.device)
+        # new_zeros, not torch.zeros(ids.size(0), ...): fx traces it (TrainPipelineSparseDist traces the model)
+        candidate = candidate_ids.new_zeros((candidate_ids.size(0), self.embedding_dim), dtype=torch.float32)
+        history = history_ids.new_zeros((history_ids.size(0), self.embedding_dim), dtype=torch.float32)
         if self.embedding_collection is not None:
             if self.transform is not None:
                 features = self.transform(features)
             embedded = self.embedding_collection(features)
             for name in self.candidate_features:
-                candidate = candidate + embedded[name].values()
+                rows = embedded[name].values()
+                candidate = candidate + (rows * self._id_mask(candidate_ids) if name == ITEM_ID else rows)
             for name in self.history_features:
-                history = history + embedded[name].values()
+                rows = embedded[name].values()
+                history = history + (rows * self._id_mask(history_ids) if name == HISTORY_ITEM_IDS else rows)
         if self.side is not None:
             candidate = candidate + self.side(self.item_packed[candidate_ids])
             history = history + self.side(self.item_packed[history_ids])
+        if self.soft_sid is not None:  # one call, so the tokenizer's regulariser enters the loss once
+            both = self.soft_sid(torch.cat([candidate_ids, history_ids]))
+            candidate = candidate + both[: candidate_ids.size(0)]
+            history = history + both[candidate_ids.size(0):]
         return candidate, history
+
+    def _id_mask(self, ids: Tensor) -> Tensor:
+        """``[N, 1]``: 1 where the id vector counts, 0 for untrained ids and (in training) dropped ones."""
+        keep = self.id_known[ids]
+        if self.training and self.id_dropout > 0:
+            keep = keep & (torch.rand(ids.shape, device=ids.device) >= self.id_dropout)
+        return keep.unsqueeze(1).to(torch.float32)
 
 
 class ContentArch(nn.Module):
-    """The candidate's frozen content embedding ``[I, Dc]`` (a buffer) through a 2-layer MLP to ``[B, d]``."""
+    """The candidate's frozen text embedding ``[I, Dc]`` (a buffer) through a 2-layer MLP to ``[B, d]``."""
 
     def __init__(self, content: Tensor, embedding_dim: int) -> None:
         super().__init__()
@@ -186,7 +251,10 @@ class SidDLRM(nn.Module):
         config: the model config.
         catalog: the data source's catalogue (feature names and cardinalities).
         semantic_ids: SIDs of the catalogue's items (needed by ``sid``, ``side`` and the SIM block's search keys).
-        content: content embeddings ``[I, Dc]`` (needed when ``config.content``).
+        signals: the items' content ``{m: [I, D_m]}``: ``text`` for ``config.content``, the tokenizer's
+            modalities for ``soft_sid``.
+        tokenizer: the stage-1 MMQ tokenizer (needed by ``soft_sid``).
+        trained_items: ``[I]`` bool, items whose id rows training updates (see :class:`ItemArch`; None: all).
 
     ``forward(dense_features [B, F], sparse_features KJT) -> logits [B]``.
 
@@ -199,9 +267,10 @@ class SidDLRM(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, catalog: Catalog, semantic_ids: SemanticIds | None = None,
-                 content: Tensor | None = None) -> None:
+                 signals: dict[str, Tensor] | None = None, tokenizer: MMQTokenizer | None = None,
+                 trained_items: Tensor | None = None) -> None:
         super().__init__()
-        check_model_inputs(config, catalog, semantic_ids, content)
+        check_model_inputs(config, catalog, semantic_ids, signals, tokenizer)
         d = config.embedding_dim
         cards = catalog.sparse_cardinalities()
         pooled = [USER_ID, *catalog.user_features, ITEM_GENRES]
@@ -210,8 +279,8 @@ class SidDLRM(nn.Module):
             for name in pooled
         ]))
         self.dense_arch = DenseArch(catalog.num_dense, [*config.dense_layers, d])
-        self.item_arch = ItemArch(config, catalog.num_items, semantic_ids)
-        self.content_arch = ContentArch(content, d) if config.content else None
+        self.item_arch = ItemArch(config, catalog.num_items, semantic_ids, tokenizer, signals, trained_items)
+        self.content_arch = ContentArch(signals["text"], d) if config.content else None
         self.history_arch = build_history_block(config.history_block, d, dict(config.history_options))
         self.history_projection = (nn.Linear(self.history_arch.output_dim, d)
                                    if self.history_arch is not None and self.history_arch.output_dim != d else None)
@@ -256,18 +325,26 @@ def _search_keys(catalog: Catalog, semantic_ids: SemanticIds | None) -> np.ndarr
 
 
 def check_model_inputs(config: ModelConfig, catalog: Catalog, semantic_ids: SemanticIds | None,
-                       content: Tensor | None) -> None:
+                       signals: dict[str, Tensor] | None, tokenizer: MMQTokenizer | None) -> None:
     """Raises ValueError, naming the field, when the config and the artifacts given do not fit together."""
     if config.needs_semantic_ids and semantic_ids is None:
         raise ValueError(f"model.item_representation {list(config.item_representation)} / history_block "
                          f"{config.history_block!r} needs semantic IDs (train.semantic_ids)")
     if semantic_ids is not None and semantic_ids.num_items != catalog.num_items:
         raise ValueError(f"train.semantic_ids has {semantic_ids.num_items} items, the data has {catalog.num_items}")
-    if config.content:
-        if content is None:
-            raise ValueError("model.content is true but no content embeddings were given")
-        if content.ndim != 2 or content.shape[0] != catalog.num_items:
-            raise ValueError(f"content embeddings must be [{catalog.num_items}, Dc], got {tuple(content.shape)}")
+    needed = {"text"} if config.content else set()
+    if "soft_sid" in config.item_representation:
+        if tokenizer is None:
+            raise ValueError("model.item_representation has soft_sid, which needs an MMQ tokenizer (train.tokenizer)")
+        needed |= set(tokenizer.dims)
+    missing = sorted(needed - set(signals or {}))
+    if missing:
+        raise ValueError(f"model.content / soft_sid need the content signal(s) {missing}; given "
+                         f"{sorted(signals or {})}")
+    for m in needed:
+        x = signals[m]
+        if x.ndim != 2 or x.shape[0] != catalog.num_items:
+            raise ValueError(f"content signal {m!r} must be [{catalog.num_items}, D], got {tuple(x.shape)}")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
+from torchrec_sid.quantizers.autoencoder import NeuralQuantizer
 from torchrec_sid.quantizers.base import SemanticIds, build_quantizer
 from torchrec_sid.quantizers.metrics import perplexity, quality_report, utilization
 
@@ -36,8 +37,12 @@ class QuantizeConfig:
 
     Args:
         method: quantizer registry name (``rq_kmeans``, ``rq_gmm``, ...).
-        data: ``movielens`` (MiniLM text embeddings of the 1,682 items), ``synthetic`` (clustered content of
-            ``synthetic_items`` items) or a path to a ``.npy`` file ``[N, D]`` (row i = item i).
+        data: ``movielens`` (the 1,682 items), ``synthetic`` (``synthetic_items`` generated items) or a path to a
+            ``.npy`` file ``[N, D]`` (row i = item i).
+        signals: the content signals the quantizer reads, for ``movielens`` / ``synthetic``: ``text`` (MiniLM
+            embeddings / the generated content) and ``meta`` (genres and, for MovieLens, release decade). One signal
+            is passed as a tensor ``[N, D]``, several as ``{name: [N, D_m]}`` (multi-signal quantizers: MMQ,
+            VQ-fusion, the autoencoders' ``signals``).
         out: where the ``SemanticIds`` file goes; the fitted quantizer is written next to it
             (``<out stem>.quantizer.safetensors``).
         quantizer: settings of the quantizer (``levels``, ``codebook_size``, ``max_iter``, ``seed``, ...).
@@ -51,6 +56,7 @@ class QuantizeConfig:
 
     method: str = "rq_gmm"
     data: str = "movielens"
+    signals: tuple[str, ...] = ("text",)
     out: str = "outputs/sids.safetensors"
     quantizer: dict[str, Any] = field(default_factory=dict)
     collision_suffix: bool = True
@@ -70,7 +76,10 @@ class QuantizeConfig:
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {unknown}; expected some of {sorted(known)}")
         quantizer = {**raw.get("quantizer", {}), **overrides.pop("quantizer", {})}
-        return cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}, "quantizer": quantizer})
+        merged = {**raw, **{k: v for k, v in overrides.items() if v is not None}, "quantizer": quantizer}
+        if "signals" in merged:
+            merged["signals"] = tuple(merged["signals"])
+        return cls(**merged)
 
     @property
     def quantizer_path(self) -> Path:
@@ -78,29 +87,38 @@ class QuantizeConfig:
         return out.with_name(out.name.removesuffix(".safetensors") + ".quantizer.safetensors")
 
 
-def embedding_source(config: QuantizeConfig, progress: bool = True) -> np.ndarray:
-    """The item embeddings ``[N, D]`` of ``config.data``; a ``.npy`` file is memory-mapped, so a rank reads only the
-    rows it indexes."""
-    if config.data == "movielens":
-        from torchrec_sid.data import movielens
-
-        return movielens.load(config.ml100k).content(progress=progress).text.numpy()
-    if config.data == "synthetic":
-        from torchrec_sid.data.synthetic import SyntheticConfig, generate_items
-
-        return generate_items(SyntheticConfig(num_items=config.synthetic_items, seed=config.seed)).content.numpy()
+def embedding_source(config: QuantizeConfig, progress: bool = True) -> dict[str, np.ndarray]:
+    """The item signals ``{name: [N, D_m]}`` of ``config.data`` (``config.signals`` of them); a ``.npy`` file is
+    memory-mapped, so a rank reads only the rows it indexes."""
     if config.data.endswith(".npy"):
+        if len(config.signals) != 1:
+            raise ValueError(f"signals: a .npy file is one signal, got {list(config.signals)}")
         if not Path(config.data).is_file():
             raise ValueError(f"data: {config.data} is not a file")
         source = np.load(config.data, mmap_mode="r")
         if source.ndim != 2:
             raise ValueError(f"data: {config.data} must hold a 2-d array [N, D], got shape {source.shape}")
-        return source
-    raise ValueError(f"data must be 'movielens', 'synthetic' or a .npy file, got {config.data!r}")
+        return {config.signals[0]: source}
+    if config.data == "movielens":
+        from torchrec_sid.data import movielens
+
+        available = movielens.load(config.ml100k).signals(progress=progress)
+    elif config.data == "synthetic":
+        from torchrec_sid.data.synthetic import SyntheticConfig, generate_items
+
+        available = generate_items(SyntheticConfig(num_items=config.synthetic_items, seed=config.seed)).signals()
+    else:
+        raise ValueError(f"data must be 'movielens', 'synthetic' or a .npy file, got {config.data!r}")
+    unknown = sorted(set(config.signals) - set(available))
+    if unknown or not config.signals:
+        raise ValueError(f"signals {list(config.signals)}: {config.data} has {sorted(available)}")
+    return {name: available[name].numpy() for name in config.signals}
 
 
-def _rows(source: np.ndarray, index: slice | np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(source[index], dtype=np.float32))  # a copy: memory maps are read-only
+def _rows(source: dict[str, np.ndarray], index: slice | np.ndarray) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The rows ``index`` of every signal, as float32 copies (memory maps are read-only); one signal: a tensor."""
+    rows = {name: torch.from_numpy(np.array(x[index], dtype=np.float32)) for name, x in source.items()}
+    return next(iter(rows.values())) if len(rows) == 1 else rows
 
 
 def _block(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -120,16 +138,19 @@ def _gather_codes(codes: torch.Tensor) -> torch.Tensor:
 def run(config: QuantizeConfig) -> SemanticIds | None:
     """Fits, encodes and writes the artifacts; returns the ``SemanticIds`` on rank 0 (None on other ranks)."""
     quantizer = build_quantizer(config.method, **config.quantizer)  # bad settings fail before any data loads
+    if len(config.signals) > 1 and not isinstance(quantizer, NeuralQuantizer):
+        raise ValueError(f"signals {list(config.signals)}: {config.method} reads one signal; multi-signal "
+                         f"quantizers are the neural ones (rq_vae, fsq, dpca, mmq)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     source = embedding_source(config, progress=rank == 0)
-    num_items = len(source)
+    num_items = len(next(iter(source.values())))
     start, stop = _block(num_items, rank, world_size)
     x = _rows(source, slice(start, stop))
-    logger.info("rank %d: fitting %s on items [%d rows of %d, dim %d]", rank, config.method, len(x), num_items,
-                x.shape[1])
+    logger.info("rank %d: fitting %s on items [%d rows of %d, dims %s]", rank, config.method, stop - start,
+                num_items, {name: s.shape[1] for name, s in source.items()})
     writer = SummaryWriter(config.tensorboard) if config.tensorboard and rank == 0 else None
     try:
         quantizer.fit(x, progress=rank == 0, writer=writer)
@@ -145,7 +166,8 @@ def run(config: QuantizeConfig) -> SemanticIds | None:
     metrics.update(num_items=num_items, metrics_rows=len(sample),
                    utilization=utilization(codes, quantizer.cardinalities),
                    perplexity=perplexity(codes, quantizer.cardinalities))
-    sids = SemanticIds(codes, quantizer.cardinalities, quantizer.name, {**quantizer.config(), "data": config.data},
+    sids = SemanticIds(codes, quantizer.cardinalities, quantizer.name,
+                       {**quantizer.config(), "data": config.data, "signals": list(config.signals)},
                        metrics, digit_centres=quantizer.digit_centres)
     if config.collision_suffix:
         sids = sids.with_collision_suffix()

