@@ -77,7 +77,7 @@ from common import RESULTS_DIR, format_table, set_threads, write_json  # noqa: E
 from tqdm import tqdm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = (("test", "auc"), ("test", "ne"), ("cold", "auc"), ("cold", "ne"))
+METRICS = (("test", "auc"), ("test", "ne"), ("cold", "auc"), ("cold", "ne"), ("tail", "auc"))
 LOWER_IS_BETTER = {"ne"}
 
 
@@ -176,7 +176,7 @@ CLAIMS = (
           tuple(Comparison(a, b, m) for a, b in (("hist_dmqn", "hist_din"), ("hist_din", "hist_pooling"))
                 for m in ("test_auc", "cold_auc"))),
     Claim("MMQ fine-tuned SIDs >= stage-1 SIDs (issue 7, item 3)",
-          tuple(Comparison("sid_mmq_ft", "sid_mmq", m) for m in ("test_auc", "cold_auc"))),
+          tuple(Comparison("sid_mmq_ft", "sid_mmq", m) for m in ("test_auc", "cold_auc", "tail_auc"))),
 )
 
 
@@ -628,7 +628,7 @@ def main() -> None:
     print(format_table(summary, [
         ("row", "row", None), ("seeds", "n", None), ("test_auc_cell", "test AUC", None),
         ("test_ne_cell", "test NE", None), ("cold_auc_cell", "cold AUC", None), ("cold_ne_cell", "cold NE", None),
-        ("embedding_parameters", "emb params", ",d"), ("extra_parameters", "+params vs id", ",d"),
+        ("tail_auc_cell", "long-tail AUC", None), ("embedding_parameters", "emb params", ",d"), ("extra_parameters", "+params vs id", ",d"),
         ("item_lookups", "lookups/item", None), ("examples_per_s", "ex/s", ",.0f"), ("wall_s", "wall s", ".1f")],
         title=f"MovieLens-100k, mean ± std over {seeds} seed(s), 1 process x {args.threads} thread(s), {steps}"))
     for s in skipped:
