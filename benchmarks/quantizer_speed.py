@@ -75,8 +75,8 @@ from common import (  # noqa: E402
 )
 from torch import Tensor  # noqa: E402
 
+from torchrec_sid._dist import shard_layout  # noqa: E402
 from torchrec_sid.quantizers import RQGMM, RQKMeans  # noqa: E402
-from torchrec_sid.quantizers.distributed import shard_layout  # noqa: E402
 from torchrec_sid.quantizers.metrics import rmse  # noqa: E402
 from torchrec_sid.quantizers.rq_gmm import DiagonalMixture  # noqa: E402
 from torchrec_sid.quantizers.rq_kmeans import lloyd, seed_centroids  # noqa: E402

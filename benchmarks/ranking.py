@@ -275,7 +275,7 @@ class Runner:
         folder = self.work / f"seed{seed}" / "sids" / name
         path = folder / f"{name}.safetensors"
         if isinstance(step, Quantize):
-            from torchrec_sid.quantizers.job import QuantizeConfig
+            from torchrec_sid.jobs.quantize import QuantizeConfig
 
             config = QuantizeConfig.from_yaml(REPO / step.config, out=str(path), quantizer={"seed": seed},
                                               tensorboard=str(folder / "tensorboard"))
@@ -309,7 +309,7 @@ class Runner:
         return path
 
     def _quantize(self, config: Any, log: Path) -> None:
-        from torchrec_sid.quantizers.job import run
+        from torchrec_sid.jobs.quantize import run
 
         with log.open("w") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
             run(config)
@@ -320,7 +320,7 @@ class Runner:
             if field not in raw:
                 raise ValueError(f"{step.config} has no field {field!r} (FineTune in benchmarks/ranking.py names it)")
         if step.input_is_quantizer:
-            from torchrec_sid.quantizers.job import QuantizeConfig
+            from torchrec_sid.jobs.quantize import QuantizeConfig
 
             base = QuantizeConfig(out=str(base)).quantizer_path
         return {**raw, step.input_field: shown(base), step.artifact_field: shown(artifact),
@@ -373,7 +373,7 @@ def item_lookups(config: Any, sids: Path | None) -> int:
     if "sid" in model.item_representation:
         levels = model.sid_tokens.num_levels
         if levels is None:
-            from torchrec_sid.quantizers.base import SemanticIds
+            from torchrec_sid.sid import SemanticIds
 
             levels = SemanticIds.load(sids).num_levels
         lookups += sum(levels - order + 1 for order in model.sid_tokens.ngram_orders)

@@ -52,7 +52,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.modules import SIDEmbedding, SidFeatureTransform
-from torchrec_sid.quantizers import SemanticIds
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.packing import pack_codes
 
 BUCKETS = 64  # scalar buckets per digit, as in the SIDE paper's prefix-length experiment

@@ -8,7 +8,14 @@ import torch
 
 from torchrec_sid.data import movielens
 from torchrec_sid.data.batches import (
-    HISTORY_ITEM_IDS, HISTORY_TIMESTAMPS, ITEM_GENRES, ITEM_ID, TIMESTAMP, USER_ID, CtrBatches, Histories,
+    HISTORY_ITEM_IDS,
+    HISTORY_TIMESTAMPS,
+    ITEM_GENRES,
+    ITEM_ID,
+    TIMESTAMP,
+    USER_ID,
+    CtrBatches,
+    Histories,
 )
 
 

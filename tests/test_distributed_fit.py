@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torchrec_sid._dist import ShardLayout, gather_rows, worst_rows
 from torchrec_sid.quantizers import build_quantizer
-from torchrec_sid.quantizers.distributed import ShardLayout, gather_rows, worst_rows
 
 SPLIT = 400  # rank 0 holds rows [0, 400), rank 1 rows [400, 1200): uneven shards
 CHUNK = 200  # divides both shards, so every chunk holds the same rows as in the 1-process fit

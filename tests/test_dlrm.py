@@ -9,8 +9,8 @@ from torchrec.fx import symbolic_trace
 from torchrec_sid.data import movielens
 from torchrec_sid.data.batches import CtrBatches
 from torchrec_sid.models.dlrm import ModelConfig, SidDLRM, count_parameters
-from torchrec_sid.quantizers import SemanticIds
 from torchrec_sid.quantizers.mmq import MMQ, MMQTokenizer
+from torchrec_sid.sid import SemanticIds
 
 
 @pytest.fixture

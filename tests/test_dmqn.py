@@ -5,7 +5,13 @@ import torch
 from torchrec.fx import symbolic_trace
 
 from torchrec_sid.modules import (
-    DMQN, CachedDMQN, DMQNState, LRUStateCache, MultiClusterQuantizer, TemperatureSchedule, UserHistory,
+    DMQN,
+    CachedDMQN,
+    DMQNState,
+    LRUStateCache,
+    MultiClusterQuantizer,
+    TemperatureSchedule,
+    UserHistory,
     padding_mask,
 )
 

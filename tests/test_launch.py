@@ -18,9 +18,9 @@ from torchx.specs.file_linter import validate
 
 from launch import components
 from tests.conftest import write_ml100k
-from torchrec_sid.quantizers import SemanticIds
+from torchrec_sid.jobs.quantize import QuantizeConfig
 from torchrec_sid.quantizers.base import build_quantizer
-from torchrec_sid.quantizers.job import QuantizeConfig
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

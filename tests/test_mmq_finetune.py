@@ -14,8 +14,9 @@ import yaml
 
 from tests.conftest import write_ml100k
 from torchrec_sid.data import movielens
-from torchrec_sid.quantizers import Quantizer, SemanticIds
+from torchrec_sid.quantizers import Quantizer
 from torchrec_sid.quantizers.mmq import MMQ
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.train.config import TrainConfig
 
 MODEL = {"embedding_dim": 8, "history_block": "pooling", "max_history": 10, "dense_layers": [8],

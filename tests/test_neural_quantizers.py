@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchrec_sid.quantizers import DPCA, FSQ, MMQ, QUANTIZERS, RQVAE, Quantizer, SemanticIds, build_quantizer
+from torchrec_sid.modules.soft_sid import soft_one_hot
+from torchrec_sid.quantizers import DPCA, FSQ, MMQ, QUANTIZERS, RQVAE, Quantizer, build_quantizer
 from torchrec_sid.quantizers.autoencoder import batches, split_rows
 from torchrec_sid.quantizers.dpca import DPCABottleneck
 from torchrec_sid.quantizers.fsq import FSQBottleneck
 from torchrec_sid.quantizers.metrics import cosine_loss
-from torchrec_sid.quantizers.mmq import mean_abs_cosine, orthogonality_loss, soft_one_hot
+from torchrec_sid.quantizers.mmq import mean_abs_cosine, orthogonality_loss
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.packing import pack_codes, unpack_codes
 
 TINY = {"hidden_dim": 16, "max_epochs": 3, "batch_size": 64, "init_rows": 256, "seed": 0}
@@ -119,7 +121,7 @@ def test_dpca_encodes_ternary_digits_and_is_exact_on_its_own_codewords():
 @pytest.mark.parametrize("method", ["fsq", "dpca"])
 def test_semantic_ids_carry_the_digit_structure_through_packing(method, tmp_path: Path):
     q = build(method).fit(inputs(method))
-    sids = SemanticIds.from_quantizer(q, inputs(method))
+    sids = q.semantic_ids(inputs(method))
     assert sids.digit_centres == q.digit_centres
     loaded = SemanticIds.load(sids.save(tmp_path / "sids.safetensors"))
     assert loaded.digit_centres == q.digit_centres
@@ -136,7 +138,7 @@ def test_side_embedding_reads_the_artifact_digits_without_a_table(method):
     from torchrec_sid.modules.side import SIDEmbedding
 
     q = build(method).fit(inputs(method))
-    sids = SemanticIds.from_quantizer(q, inputs(method))
+    sids = q.semantic_ids(inputs(method))
     side = SIDEmbedding.from_semantic_ids(sids, embedding_dim=4)
     digits = side.digits(pack_codes(sids.codes, sids.cardinalities))  # [N, levels], what SIDE projects
     assert torch.equal(digits, sids.codes.float() - torch.tensor(q.digit_centres))
@@ -148,7 +150,7 @@ def test_only_ordinal_quantizers_declare_digit_centres(fitted):
     q, x = fitted
     expected = {"rq_vae": None, "mmq": None, "fsq": [1.0, 1.5, 2.0], "dpca": [1.0] * 4}[q.name]
     assert q.digit_centres == expected
-    assert SemanticIds.from_quantizer(q, x).digit_centres == expected
+    assert q.semantic_ids(x).digit_centres == expected
 
 
 def test_semantic_ids_reject_bad_digit_centres():

@@ -11,7 +11,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.modules import DIN, PMA, SIDEmbedding, SidFeatureTransform, jagged_to_padded, padding_mask
-from torchrec_sid.quantizers import SemanticIds
+from torchrec_sid.sid import SemanticIds
 
 D = 8
 LENGTHS = [0, 1, 6]

@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from torchrec_sid import cli
-from torchrec_sid.quantizers import Quantizer, SemanticIds
-from torchrec_sid.quantizers.job import QuantizeConfig, run
+from torchrec_sid.jobs.quantize import QuantizeConfig, run
+from torchrec_sid.quantizers import Quantizer
+from torchrec_sid.sid import SemanticIds
 
 REPO = Path(__file__).resolve().parents[1]
 

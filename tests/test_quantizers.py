@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from torchrec_sid.io import ChecksumError
-from torchrec_sid.quantizers import QUANTIZERS, RQGMM, Quantizer, RQKMeans, SemanticIds, build_quantizer
+from torchrec_sid.quantizers import QUANTIZERS, RQGMM, Quantizer, RQKMeans, build_quantizer
 from torchrec_sid.quantizers.metrics import perplexity, quality_report, recall_at_k, rmse, utilization
+from torchrec_sid.sid import SemanticIds
 
 METHODS = ["rq_kmeans", "rq_gmm"]
 SMALL = {"levels": 2, "codebook_size": 8, "chunk_size": 256}
@@ -109,7 +110,7 @@ def test_load_as_the_wrong_class_raises(data, tmp_path: Path):
 
 def test_semantic_ids_save_load_round_trip(fitted, data, tmp_path: Path):
     x, _ = data
-    sids = SemanticIds.from_quantizer(fitted, x, quality_report(fitted, x, num_queries=50))
+    sids = fitted.semantic_ids(x, quality_report(fitted, x, num_queries=50))
     loaded = SemanticIds.load(sids.save(tmp_path / "sids.safetensors"))
     assert torch.equal(loaded.codes, sids.codes)
     assert loaded.cardinalities == [8, 8]

@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.modules import SidFeatureTransform
-from torchrec_sid.quantizers import SemanticIds
+from torchrec_sid.sid import SemanticIds
 
 WORLD_SIZE = 2
 LEARNING_RATE = 0.5

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torchrec_sid.quantizers import SemanticIds
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.codes import add_collision_suffix, collision_rate
 
 

@@ -11,7 +11,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.modules import SidFeatureTransform, hash_packed_ids
-from torchrec_sid.quantizers import SemanticIds
+from torchrec_sid.sid import SemanticIds
 
 # 5 items, 3 levels with cardinalities [4, 4, 8]; items 0 and 4 share the prefix (0, 1)
 CODES = torch.tensor([[0, 1, 5], [2, 0, 7], [3, 3, 0], [1, 2, 3], [0, 1, 6]])

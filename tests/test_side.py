@@ -12,7 +12,8 @@ from torchrec.fx import symbolic_trace
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.modules import SIDEmbedding
-from torchrec_sid.quantizers import QUANTIZERS, SemanticIds, build_quantizer
+from torchrec_sid.quantizers import QUANTIZERS, build_quantizer
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.packing import pack_codes, unpack_codes
 
 RADICES = [3, 3, 4, 2, 5]  # mixed: ternary, FSQ-like levels, a binary digit
@@ -122,7 +123,7 @@ def test_embeds_the_packed_codes_of_an_ordinal_quantizer(name: str, settings: di
     if name not in QUANTIZERS:
         pytest.skip(f"quantizer {name!r} is not registered")
     x = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=1)
-    sids = SemanticIds.from_quantizer(build_quantizer(name, **settings).fit(x), x)
+    sids = build_quantizer(name, **settings).fit(x).semantic_ids(x)
     module = SIDEmbedding.from_semantic_ids(sids, embedding_dim=4)
     packed = pack_codes(sids.codes, sids.cardinalities)
     assert torch.equal(module.unpack(packed), sids.codes)

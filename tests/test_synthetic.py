@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from torchrec_sid.data.batches import CtrBatches
 from torchrec_sid.data import synthetic
+from torchrec_sid.data.batches import CtrBatches
 from torchrec_sid.data.synthetic import SyntheticConfig, SyntheticData, _auc, describe, generate, oracle_auc
 
 # 100 to 300 clicks, so about 250 to 800 impressions per user, of which 200 become samples
@@ -72,7 +72,7 @@ def test_shapes_and_dtypes(data):
     assert cat.user_feature_cardinalities == {"user_age_bucket": cfg.num_age_buckets, "user_gender": cfg.num_genders}
     for name, ids in cat.user_features.items():
         assert ids.shape == (num_users,) and ids.dtype == np.int64
-        assert 0 <= ids.min() and ids.max() < cat.user_feature_cardinalities[name]
+        assert ids.min() >= 0 and ids.max() < cat.user_feature_cardinalities[name]
     h = it.histories
     assert h.offsets.shape == (num_users + 1,) and h.offsets[0] == 0 and h.offsets[-1] == len(h.items)
     assert h.items.dtype == h.timestamps.dtype == h.offsets.dtype == np.int64
@@ -233,7 +233,7 @@ def test_ctr_batches(data):
     assert kjt["item_genres"].lengths().tolist() == genre_counts.tolist()
     for key, card in it.catalog.sparse_cardinalities().items():
         values = kjt[key].values()
-        assert len(values) == 0 or (0 <= values.min() and values.max() < card), key
+        assert len(values) == 0 or (values.min() >= 0 and values.max() < card), key
     assert batch.dense_features.shape == (64, it.catalog.num_dense)
     torch.testing.assert_close(batch.labels, torch.from_numpy(s.labels))
 

@@ -23,7 +23,7 @@ from tests.conftest import write_ml100k
 from torchrec_sid.data.batches import ITEM_GENRES, ITEM_ID, USER_ID, Catalog, CtrBatches
 from torchrec_sid.models.dlrm import ModelConfig
 from torchrec_sid.modules import SidFeatureTransform
-from torchrec_sid.quantizers import SemanticIds
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.train import checkpoint
 from torchrec_sid.train.config import TrainConfig
 from torchrec_sid.train.loop import build_model, load_data, shard

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from torchrec_sid.report import format_metric, format_results
+
 
 def _data(args: argparse.Namespace) -> None:
     from torchrec_sid.data import movielens
@@ -17,13 +19,13 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from torchrec_sid import demo
+    from torchrec_sid.jobs import demo
 
     demo.run(args.ml100k)
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from torchrec_sid.quantizers.job import QuantizeConfig, run
+    from torchrec_sid.jobs.quantize import QuantizeConfig, run
 
     settings = {"levels": args.levels, "codebook_size": args.codebook_size, "max_iter": args.max_iter,
                 "seed": args.seed}
@@ -43,12 +45,6 @@ def _quantize(args: argparse.Namespace) -> None:
               f"{' before the suffix level' if config.collision_suffix else ''} -> {config.out}")
 
 
-def format_metric(value: float | dict[str, float], spec: str) -> str:
-    """A metric that is one number, or one per signal (``text 0.12 / meta 0.03``)."""
-    if isinstance(value, dict):
-        return " / ".join(f"{name} {v:{spec}}" for name, v in value.items())
-    return f"{value:{spec}}"
-
 
 def _train(args: argparse.Namespace) -> None:
     from torchrec_sid.train.config import TrainConfig
@@ -62,17 +58,6 @@ def _train(args: argparse.Namespace) -> None:
     if results is not None:
         print(format_results([results]))
 
-
-def format_results(results: list[dict]) -> str:
-    """A table of runs: AUC / NE on test and cold items, parameters, training examples/s."""
-    lines = [f"{'run':<28} {'test AUC':>8} {'test NE':>8} {'cold AUC':>8} {'cold NE':>8} {'params':>10} {'ex/s':>8}"]
-    for r in results:
-        m = r["metrics"]
-        test, cold = m.get("test", {}), m.get("cold", {})
-        lines.append(f"{r['name']:<28} {test.get('auc', float('nan')):>8.4f} {test.get('ne', float('nan')):>8.4f} "
-                     f"{cold.get('auc', float('nan')):>8.4f} {cold.get('ne', float('nan')):>8.4f} "
-                     f"{r['parameters']['total']:>10,} {r['train_examples_per_second']:>8.0f}")
-    return "\n".join(lines)
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,13 @@
-"""Files the library writes: the cache folder, atomic writes and checksums.
+"""Files the library writes: the cache folder, atomic writes, checksums and the safetensors artifact format.
 
 Every artifact (data caches, embeddings, SID tables, checkpoints) is written to a temporary file in the target's
 folder and renamed into place, so a reader never sees half a file; its SHA-256 is recorded and checked on load.
+
+SID tables and quantizers are one safetensors file each (:func:`save_artifact`). The tensors are the fitted
+parameters (or the codes); the safetensors ``__metadata__`` header holds ``kind``, ``format_version``, ``meta``
+(canonical JSON: name, config, history, metrics...) and ``sha256`` over the header fields and every tensor's name,
+dtype, shape and bytes. Loading refuses a truncated or modified file (:class:`ChecksumError`) or another format
+version (``ValueError``), naming the path.
 """
 
 from __future__ import annotations
@@ -10,10 +16,16 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
 
 CACHE_ENV = "TORCHREC_SID_CACHE"
+FORMAT_VERSION = 1  # of every safetensors artifact (SID tables, quantizers)
 
 
 class ChecksumError(ValueError):
@@ -76,3 +88,47 @@ def verify_sha256(path: str | os.PathLike, expected: str, what: str) -> None:
         raise ChecksumError(
             f"{what}: {path} is corrupt or truncated (sha256 {actual[:12]}..., expected {expected[:12]}...)"
         )
+
+
+def _digest(header: dict[str, str], tensors: dict[str, Tensor]) -> str:
+    parts = [json.dumps(header, sort_keys=True, separators=(",", ":")).encode()]
+    for name in sorted(tensors):
+        t = tensors[name]
+        parts += [json.dumps([name, str(t.dtype), list(t.shape)]).encode(), t.numpy().tobytes()]
+    return sha256_bytes(b"".join(parts))
+
+
+def save_artifact(path: str | Path, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any],
+                  format_version: int = FORMAT_VERSION) -> Path:
+    """Writes ``tensors`` and JSON ``meta`` to one safetensors file, atomically, with a SHA-256 in its header."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    header = {"kind": kind, "format_version": str(format_version),
+              "meta": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
+    header["sha256"] = _digest(header, tensors)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def load_artifact(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Reads a :func:`save_artifact` file: ``(tensors, meta)`` after checking kind, format version and SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {kind} file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError) as e:
+        raise ChecksumError(f"{path} is truncated or corrupt, not a readable safetensors file ({e})") from e
+    if not {"kind", "format_version", "meta", "sha256"} <= header.keys():
+        raise ChecksumError(f"{path} is not a torchrec_sid artifact: header keys {sorted(header)}")
+    if header["kind"] != kind:
+        raise ValueError(f"{path} holds a {header['kind']!r} artifact, expected {kind!r}")
+    if header["format_version"] != str(FORMAT_VERSION):
+        raise ValueError(f"{path} has format version {header['format_version']}; "
+                         f"this library reads version {FORMAT_VERSION}")
+    expected = header.pop("sha256")
+    actual = _digest(header, tensors)
+    if actual != expected:
+        raise ChecksumError(f"{path} was modified or corrupted: sha256 {actual[:12]}..., "
+                            f"recorded {expected[:12]}...")
+    return tensors, json.loads(header["meta"])

@@ -21,7 +21,7 @@ are reused):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,14 +32,28 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_sid.data.batches import (
-    HISTORY_ITEM_IDS, HISTORY_TIMESTAMPS, ITEM_GENRES, ITEM_ID, TIMESTAMP, USER_ID, Catalog,
+    HISTORY_ITEM_IDS,
+    HISTORY_TIMESTAMPS,
+    ITEM_GENRES,
+    ITEM_ID,
+    TIMESTAMP,
+    USER_ID,
+    Catalog,
 )
 from torchrec_sid.modules import (
-    DIN, DMQN, PMA, SIM, HistoryBlock, MeanPooling, SIDEmbedding, SidFeatureTransform, SoftSidEmbedding,
+    DIN,
+    DMQN,
+    PMA,
+    SIM,
+    HistoryBlock,
+    MeanPooling,
+    SIDEmbedding,
+    SidFeatureTransform,
+    SoftSidEmbedding,
 )
-from torchrec_sid.modules.sequence import jagged_to_padded
-from torchrec_sid.quantizers.base import SemanticIds
-from torchrec_sid.quantizers.mmq import MMQTokenizer
+from torchrec_sid.modules.history import jagged_to_padded
+from torchrec_sid.modules.soft_sid import SoftIndexTokenizer
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.packing import pack_codes
 
 ITEM_REPRESENTATIONS = ("id", "sid", "side", "soft_sid")
@@ -160,7 +174,7 @@ class ItemArch(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, num_items: int, semantic_ids: SemanticIds | None,
-                 tokenizer: MMQTokenizer | None = None, signals: dict[str, Tensor] | None = None,
+                 tokenizer: SoftIndexTokenizer | None = None, signals: dict[str, Tensor] | None = None,
                  trained_items: Tensor | None = None) -> None:
         super().__init__()
         reps, d = config.item_representation, config.embedding_dim
@@ -181,8 +195,8 @@ class ItemArch(nn.Module):
                                                  prefix_lengths=tokens.prefix_lengths, num_levels=tokens.num_levels,
                                                  max_table_size=tokens.max_table_size)
             tables += self.transform.embedding_configs(d)
-        self.candidate_features: List[str] = [f for t in tables for f in t.feature_names if f.startswith(ITEM_ID)]
-        self.history_features: List[str] = [f for t in tables for f in t.feature_names
+        self.candidate_features: list[str] = [f for t in tables for f in t.feature_names if f.startswith(ITEM_ID)]
+        self.history_features: list[str] = [f for t in tables for f in t.feature_names
                                              if f.startswith(HISTORY_ITEM_IDS)]
         self.embedding_collection = EmbeddingCollection(tables=tables) if tables else None
         self.side: SIDEmbedding | None = None
@@ -267,7 +281,7 @@ class SidDLRM(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, catalog: Catalog, semantic_ids: SemanticIds | None = None,
-                 signals: dict[str, Tensor] | None = None, tokenizer: MMQTokenizer | None = None,
+                 signals: dict[str, Tensor] | None = None, tokenizer: SoftIndexTokenizer | None = None,
                  trained_items: Tensor | None = None) -> None:
         super().__init__()
         check_model_inputs(config, catalog, semantic_ids, signals, tokenizer)
@@ -325,7 +339,7 @@ def _search_keys(catalog: Catalog, semantic_ids: SemanticIds | None) -> np.ndarr
 
 
 def check_model_inputs(config: ModelConfig, catalog: Catalog, semantic_ids: SemanticIds | None,
-                       signals: dict[str, Tensor] | None, tokenizer: MMQTokenizer | None) -> None:
+                       signals: dict[str, Tensor] | None, tokenizer: SoftIndexTokenizer | None) -> None:
     """Raises ValueError, naming the field, when the config and the artifacts given do not fit together."""
     if config.needs_semantic_ids and semantic_ids is None:
         raise ValueError(f"model.item_representation {list(config.item_representation)} / history_block "

@@ -2,15 +2,22 @@
 transform, SIDE embeddings and MMQ stage-2 soft-indexed SID embeddings."""
 
 from torchrec_sid.modules.dmqn import (
-    DMQN, CachedDMQN, Clusters, DMQNState, LRUStateCache, MultiClusterQuantizer, TemperatureSchedule, UserHistory,
+    DMQN,
+    CachedDMQN,
+    Clusters,
+    DMQNState,
+    LRUStateCache,
+    MultiClusterQuantizer,
+    TemperatureSchedule,
+    UserHistory,
     UserStateCache,
 )
+from torchrec_sid.modules.history import HistoryBlock, check_history_inputs, jagged_to_padded, padding_mask
 from torchrec_sid.modules.hstu import HSTU, HSTULayer, time_buckets
 from torchrec_sid.modules.pma import PMA
-from torchrec_sid.modules.sequence import HistoryBlock, check_history_inputs, jagged_to_padded, padding_mask
+from torchrec_sid.modules.sid_transform import SidFeatureTransform, SidToken, hash_packed_ids
 from torchrec_sid.modules.side import SIDEmbedding
 from torchrec_sid.modules.soft_sid import SoftSidEmbedding, add_auxiliary_loss
-from torchrec_sid.modules.sid_transform import SidFeatureTransform, SidToken, hash_packed_ids
 from torchrec_sid.modules.target_attention import DIN, SIM, MeanPooling, TargetAttention, hard_search
 
 __all__ = [

@@ -16,16 +16,17 @@ MCQM and ICIM do not see the candidate: :meth:`DMQN.encode_user` gives a cacheab
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import astuple, dataclass
-from typing import Callable, Hashable, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from torchrec_sid.modules.history import HistoryBlock, check_history_inputs
 from torchrec_sid.modules.hstu import HSTU, HSTULayer
-from torchrec_sid.modules.sequence import HistoryBlock, check_history_inputs
 from torchrec_sid.modules.target_attention import TargetAttention
 
 

@@ -12,7 +12,7 @@ Attention is O(L²): meant for short sequences such as DMQN's ~100 cluster token
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from torchrec_sid.modules.sequence import HistoryBlock, check_history_inputs
+from torchrec_sid.modules.history import HistoryBlock, check_history_inputs
 
 
 class PMA(HistoryBlock):

@@ -33,7 +33,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.pt2.checks import is_pt2_compiling
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_sid.quantizers.base import SemanticIds
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.packing import MAX_PACKED, pack_codes
 
 UnknownIdPolicy = Literal["raise", "oov"]

@@ -19,7 +19,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.pt2.checks import is_pt2_compiling
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from torchrec_sid.quantizers.base import SemanticIds
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.packing import radix_weights
 
 

@@ -13,11 +13,40 @@ used like any other (sharded token tables).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchrec_sid.quantizers.mmq import MMQTokenizer, soft_one_hot
+
+class SoftIndexTokenizer(Protocol):
+    """What :class:`SoftSidEmbedding` needs of a tokenizer (an ``nn.Module``; e.g.
+    :class:`~torchrec_sid.quantizers.mmq.MMQTokenizer`), so that this module never imports the quantizers."""
+
+    dims: dict[str, int]  # modality -> input dimension
+    codebooks: Sequence[nn.Embedding]  # E codebooks of K rows each
+
+    def train(self, mode: bool = True) -> nn.Module: ...
+
+    def similarities(self, signals: Mapping[str, Tensor]) -> Tensor:
+        """``{m: [B, D_m]}`` -> cosine similarity of each expert's output to its codebook ``[B, E, K]``."""
+        ...
+
+    def loss_terms(self, signals: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """``({"recon", "aux", "vq"}: scalars, codes)`` of the tokenizer's own objective on ``signals``."""
+        ...
+
+    def encode(self, signals: Mapping[str, Tensor]) -> Tensor:
+        """``{m: [B, D_m]}`` -> hard SIDs ``[B, E]``."""
+        ...
+
+def soft_one_hot(similarities: Tensor, tau: float) -> Tensor:
+    """Stage-2 soft index: ``[..., K]`` -> one-hot of the argmax (forward), gradient of ``softmax(p / tau)``."""
+    soft = torch.softmax(similarities / tau, dim=-1)
+    hard = F.one_hot(similarities.argmax(-1), similarities.shape[-1]).to(soft.dtype)
+    return soft + (hard - soft).detach()
 
 
 class _AddAuxiliaryLoss(torch.autograd.Function):
@@ -47,7 +76,7 @@ class SoftSidEmbedding(nn.Module):
     model's logits carries it, and no training loop needs to know. Its last value is :attr:`last_regulariser`.
 
     Args:
-        tokenizer: a stage-1 :class:`~torchrec_sid.quantizers.mmq.MMQTokenizer`; trained in place.
+        tokenizer: a stage-1 tokenizer (:class:`SoftIndexTokenizer`, e.g. MMQ's); trained in place.
         signals: the items' frozen content ``{m: [I, D_m]}``, the tokenizer's modalities.
         embedding_dim: d.
         tau: soft-index temperature (the cosines are in ``[-1, 1]``).
@@ -62,7 +91,7 @@ class SoftSidEmbedding(nn.Module):
         soft.codes()                   # [1682, 6], the items' current hard SIDs
     """
 
-    def __init__(self, tokenizer: MMQTokenizer, signals: dict[str, Tensor], embedding_dim: int, tau: float = 0.1,
+    def __init__(self, tokenizer: SoftIndexTokenizer, signals: dict[str, Tensor], embedding_dim: int, tau: float = 0.1,
                  recon_weight: float = 0.5, aux_weight: float = 0.5) -> None:
         super().__init__()
         if set(signals) != set(tokenizer.dims):

@@ -6,12 +6,12 @@ activation unit) is also DMQN's cluster-aware target attention.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from torchrec_sid.modules.sequence import HistoryBlock, check_history_inputs
+from torchrec_sid.modules.history import HistoryBlock, check_history_inputs
 
 
 class TargetAttention(nn.Module):

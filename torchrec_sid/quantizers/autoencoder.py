@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from torchrec_sid._dist import ShardLayout, is_distributed
 from torchrec_sid.quantizers.base import Quantizer, check_codes, check_embeddings, check_setting, row_chunks
-from torchrec_sid.quantizers.distributed import ShardLayout, is_distributed
 from torchrec_sid.quantizers.metrics import utilization
 from torchrec_sid.quantizers.rq_kmeans import kmeans_plus_plus, lloyd, nearest
 

@@ -1,41 +1,34 @@
-"""The Quantizer API, its registry, the residual-quantizer skeleton and the :class:`SemanticIds` artifact.
+"""The Quantizer API, its registry and the residual-quantizer skeleton.
 
 A quantizer turns item content embeddings ``x: [N, D]`` into semantic IDs ``codes: LongTensor[N, levels]``:
 ``fit(x) -> self``, ``encode(x) -> codes``, ``decode(codes) -> x_hat: [N, D]``, ``save(path)``, ``load(path)``.
 The constructor only stores settings; learned state ends with ``_``. Quantizers register under a name
 (:data:`QUANTIZERS`), so ``build_quantizer("rq_gmm", levels=3)`` and ``Quantizer.load(path)`` find the class.
 
-Files: one safetensors file per artifact, written atomically. The tensors are the fitted parameters (or the
-codes); the safetensors ``__metadata__`` header holds ``kind``, ``format_version``, ``meta`` (canonical JSON:
-name, config, history, metrics...) and ``sha256`` over the header fields and every tensor's name, dtype, shape
-and bytes. Loading refuses a truncated or modified file (:class:`~torchrec_sid.io.ChecksumError`) or another
-format version (``ValueError``), naming the path.
+A fitted quantizer is saved as one artifact file (:func:`torchrec_sid.io.save_artifact`), and
+:meth:`Quantizer.semantic_ids` gives the :class:`~torchrec_sid.sid.SemanticIds` table of a catalogue.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from torchrec_sid.io import ChecksumError, atomic_write, sha256_bytes
-from torchrec_sid.quantizers.distributed import ShardLayout, raise_on_any_rank, rank, shard_layout
-from torchrec_sid.sid.codes import add_collision_suffix, collision_rate
+from torchrec_sid._dist import ShardLayout, raise_on_any_rank, rank, shard_layout
+from torchrec_sid.io import load_artifact, save_artifact
+from torchrec_sid.sid.codes import check_codes
+from torchrec_sid.sid.semantic_ids import SemanticIds
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-FORMAT_VERSION = 1
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 Q = TypeVar("Q", bound="Quantizer")
 Record = Callable[[dict[str, Any]], None]  # receives one history entry per fit iteration
@@ -61,22 +54,6 @@ def check_embeddings(x: Tensor, *, dim: int | None = None, what: str = "x") -> T
     return x.float()
 
 
-def check_codes(codes: Tensor, cardinalities: list[int], *, what: str = "codes") -> Tensor:
-    """``codes: [N, l]`` (``1 <= l <= len(cardinalities)``) as int64; ValueError naming the first bad entry."""
-    codes = torch.as_tensor(codes)
-    if codes.ndim != 2 or not 1 <= codes.shape[1] <= len(cardinalities):
-        raise ValueError(f"{what} must be [N, levels] with 1 <= levels <= {len(cardinalities)}, "
-                         f"got shape {tuple(codes.shape)}")
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"{what} must be an integer tensor, got {codes.dtype}")
-    codes = codes.long()
-    limit = torch.tensor(cardinalities[: codes.shape[1]])
-    bad = ((codes < 0) | (codes >= limit)).nonzero()
-    if len(bad):
-        i, level = bad[0].tolist()
-        raise ValueError(f"{what}[{i}, {level}] = {int(codes[i, level])} is outside [0, {cardinalities[level]}) "
-                         f"at level {level} ({len(bad)} bad entries in all)")
-    return codes
 
 
 def check_setting(name: str, value: float, low: float) -> None:
@@ -89,53 +66,6 @@ def row_chunks(num_rows: int, chunk_size: int) -> Iterator[slice]:
     """Consecutive row slices of at most ``chunk_size`` rows."""
     for start in range(0, num_rows, chunk_size):
         yield slice(start, min(start + chunk_size, num_rows))
-
-
-# ------------------------------------------------------------------------------------------------------ files
-
-
-def _digest(header: dict[str, str], tensors: dict[str, Tensor]) -> str:
-    parts = [json.dumps(header, sort_keys=True, separators=(",", ":")).encode()]
-    for name in sorted(tensors):
-        t = tensors[name]
-        parts += [json.dumps([name, str(t.dtype), list(t.shape)]).encode(), t.numpy().tobytes()]
-    return sha256_bytes(b"".join(parts))
-
-
-def save_artifact(path: str | Path, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any],
-                  format_version: int = FORMAT_VERSION) -> Path:
-    """Writes ``tensors`` and JSON ``meta`` to one safetensors file, atomically, with a SHA-256 in its header."""
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    header = {"kind": kind, "format_version": str(format_version),
-              "meta": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
-    header["sha256"] = _digest(header, tensors)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-
-def load_artifact(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Reads a :func:`save_artifact` file: ``(tensors, meta)`` after checking kind, format version and SHA-256."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {kind} file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, OSError) as e:
-        raise ChecksumError(f"{path} is truncated or corrupt, not a readable safetensors file ({e})") from e
-    if not {"kind", "format_version", "meta", "sha256"} <= header.keys():
-        raise ChecksumError(f"{path} is not a torchrec_sid artifact: header keys {sorted(header)}")
-    if header["kind"] != kind:
-        raise ValueError(f"{path} holds a {header['kind']!r} artifact, expected {kind!r}")
-    if header["format_version"] != str(FORMAT_VERSION):
-        raise ValueError(f"{path} has format version {header['format_version']}; "
-                         f"this library reads version {FORMAT_VERSION}")
-    expected = header.pop("sha256")
-    actual = _digest(header, tensors)
-    if actual != expected:
-        raise ChecksumError(f"{path} was modified or corrupted: sha256 {actual[:12]}..., "
-                            f"recorded {expected[:12]}...")
-    return tensors, json.loads(header["meta"])
 
 
 # -------------------------------------------------------------------------------------------------- quantizer
@@ -204,6 +134,11 @@ class Quantizer(ABC):
         """Restores the fitted state from :meth:`_state_tensors`' tensors (default: sets each of ``_state_names``)."""
         for s in self._state_names:
             setattr(self, s, tensors[s.rstrip("_")])
+
+    def semantic_ids(self, x: Tensor, metrics: dict[str, Any] | None = None) -> SemanticIds:
+        """The :class:`~torchrec_sid.sid.SemanticIds` of the items ``x: [N, D]`` (row i = item i)."""
+        return SemanticIds(self.encode(x), self.cardinalities, self.name, self.config(), dict(metrics or {}),
+                           digit_centres=self.digit_centres)
 
     @property
     def digit_centres(self) -> list[float] | None:
@@ -349,102 +284,3 @@ class ResidualQuantizer(Quantizer):
         for level in range(codes.shape[1]):
             out += self.codebooks_[level, codes[:, level]]
         return out
-
-
-# ------------------------------------------------------------------------------------------------ SemanticIds
-
-
-@dataclass(frozen=True, eq=False)
-class SemanticIds:
-    """The artifact that crosses from quantizer training to models: the semantic ID of every item.
-
-    Args:
-        codes: ``LongTensor[N, levels]``, row i = item i.
-        cardinalities: number of codes per level; ``0 <= codes[:, l] < cardinalities[l]``.
-        quantizer: registry name of the quantizer that produced the codes.
-        config: its settings (:meth:`Quantizer.config`), plus anything else needed to reproduce the codes.
-        metrics: quality metrics (:func:`torchrec_sid.quantizers.metrics.quality_report`).
-        format_version: version of the file format.
-        digit_centres: how SIDE reads the codes without a table. ``None`` (the default): the codes are
-            categorical (indices into codebooks; only a table embeds them). Otherwise the codes are ordinal digit
-            vectors and this is one centre ``m_l`` per level: digit l means the value ``codes[:, l] - m_l``
-            (ternary DPCA digits: ``m_l = 1``, values {-1, 0, 1}; FSQ with ``L`` levels: ``m_l = (L - 1) / 2``,
-            values ``-m_l ... m_l`` in unit steps). The radix of level l is ``cardinalities[l]``
-            (:func:`torchrec_sid.sid.packing.pack_codes`).
-
-    Example::
-
-        sids = SemanticIds.from_quantizer(RQKMeans(levels=2, codebook_size=4).fit(x), x)
-        sids = sids.with_collision_suffix()  # every item's SID unique; codes: [N, 3]
-        sids.save("sids.safetensors"); SemanticIds.load("sids.safetensors").codes  # [N, 3]
-    """
-
-    codes: Tensor
-    cardinalities: list[int]
-    quantizer: str
-    config: dict[str, Any]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-    digit_centres: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def num_items(self) -> int:
-        return self.codes.shape[0]
-
-    @property
-    def num_levels(self) -> int:
-        return self.codes.shape[1]
-
-    def validate(self) -> None:
-        """Raises ValueError unless ``codes`` is int64 ``[N, len(cardinalities)]`` within the cardinalities."""
-        if self.codes.dtype != torch.long:
-            raise ValueError(f"codes must be int64, got {self.codes.dtype}")
-        if self.codes.ndim != 2 or self.codes.shape[1] != len(self.cardinalities):
-            raise ValueError(f"codes must be [N, {len(self.cardinalities)}] (one column per cardinality), "
-                             f"got shape {tuple(self.codes.shape)}")
-        if any(c < 1 for c in self.cardinalities):
-            raise ValueError(f"cardinalities must be >= 1, got {self.cardinalities}")
-        check_codes(self.codes, self.cardinalities)
-        if self.digit_centres is None:
-            return
-        if len(self.digit_centres) != len(self.cardinalities):
-            raise ValueError(f"digit_centres has {len(self.digit_centres)} entries, expected one per level "
-                             f"({len(self.cardinalities)})")
-        for level, (centre, k) in enumerate(zip(self.digit_centres, self.cardinalities, strict=True)):
-            if not 0 <= centre <= k - 1:
-                raise ValueError(f"digit_centres[{level}] = {centre} is outside [0, {k - 1}], the digit range of "
-                                 f"level {level}")
-
-    @classmethod
-    def from_quantizer(cls, quantizer: Quantizer, x: Tensor, metrics: dict[str, Any] | None = None) -> SemanticIds:
-        """Encodes ``x: [N, D]`` (row i = item i) with a fitted ``quantizer``."""
-        return cls(quantizer.encode(x), quantizer.cardinalities, quantizer.name, quantizer.config(),
-                   dict(metrics or {}), digit_centres=quantizer.digit_centres)
-
-    def with_collision_suffix(self) -> SemanticIds:
-        """A copy with one more level that makes every SID unique; metrics record the rate before and after."""
-        codes, suffix_cardinality = add_collision_suffix(self.codes)
-        metrics = {**self.metrics, "collision_rate_before_suffix": collision_rate(self.codes),
-                   "collision_rate": collision_rate(codes), "suffix_cardinality": suffix_cardinality}
-        # the suffix has no order; it gets its midpoint, SIDE's default centre (SIDE should normally skip it)
-        centres = None if self.digit_centres is None else [*self.digit_centres, (suffix_cardinality - 1) / 2]
-        return replace(self, codes=codes, cardinalities=[*self.cardinalities, suffix_cardinality],
-                       config={**self.config, "collision_suffix": True}, metrics=metrics, digit_centres=centres)
-
-    def save(self, path: str | Path) -> Path:
-        """Writes one safetensors file atomically: ``codes`` plus JSON metadata and a SHA-256."""
-        meta = {"cardinalities": self.cardinalities, "quantizer": self.quantizer, "config": self.config,
-                "metrics": self.metrics}
-        if self.digit_centres is not None:  # absent: all levels categorical (files without it read the same)
-            meta["digit_centres"] = self.digit_centres
-        return save_artifact(path, "semantic_ids", {"codes": self.codes}, meta, self.format_version)
-
-    @classmethod
-    def load(cls, path: str | Path) -> SemanticIds:
-        """Reads a :meth:`save` file; refuses another format version or a modified / truncated file."""
-        tensors, meta = load_artifact(path, "semantic_ids")
-        return cls(tensors["codes"], meta["cardinalities"], meta["quantizer"], meta["config"], meta["metrics"],
-                   digit_centres=meta.get("digit_centres"))

@@ -21,7 +21,7 @@ Token order: the shared experts, then each modality's specific experts, modaliti
 Gates are not part of the SID: :meth:`MMQ.decode` uses the training items' mean gate, :meth:`MMQ.reconstruct`
 an item's own gates. Stage 2 (behaviour-aware fine-tuning, :class:`~torchrec_sid.modules.SoftSidEmbedding`) trains
 ``model_`` further inside a ranking model with soft indexing: :meth:`MMQTokenizer.similarities` gives, per expert,
-the cosine similarities to its codebook ``[B, E, K]`` (differentiable), and :func:`soft_one_hot` turns them into the
+the cosine similarities to its codebook ``[B, E, K]`` (differentiable), and :func:`~torchrec_sid.modules.soft_sid.soft_one_hot` turns them into the
 straight-through one-hot ``softmax(p / tau) + sg(one_hot(argmax p) - softmax(p / tau))``, whose product with a
 downstream table is a row lookup in the forward pass; :meth:`MMQTokenizer.loss_terms` gives the reconstruction terms
 that keep the content in the tokens meanwhile.
@@ -66,12 +66,6 @@ def mean_abs_cosine(vectors: Tensor) -> float:
     pairs = torch.triu_indices(len(unit), len(unit), offset=1)
     return (unit @ unit.T)[pairs[0], pairs[1]].abs().mean().item()
 
-
-def soft_one_hot(similarities: Tensor, tau: float) -> Tensor:
-    """Stage-2 soft index: ``[..., K]`` -> one-hot of the argmax (forward), gradient of ``softmax(p / tau)``."""
-    soft = torch.softmax(similarities / tau, dim=-1)
-    hard = F.one_hot(similarities.argmax(-1), similarities.shape[-1]).to(soft.dtype)
-    return soft + (hard - soft).detach()
 
 
 class MMQTokenizer(QuantizedAutoencoder):

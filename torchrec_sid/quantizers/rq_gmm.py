@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torchrec_sid._dist import ShardLayout, all_reduce_sum_, gather_rows, worst_rows
 from torchrec_sid.quantizers.base import (
     Record,
     ResidualQuantizer,
@@ -32,7 +33,6 @@ from torchrec_sid.quantizers.base import (
     register,
     row_chunks,
 )
-from torchrec_sid.quantizers.distributed import ShardLayout, all_reduce_sum_, gather_rows, worst_rows
 from torchrec_sid.quantizers.rq_kmeans import lloyd, seed_centroids
 
 DEAD_MASS = 1.0  # a component whose total responsibility is below one row's is re-seeded

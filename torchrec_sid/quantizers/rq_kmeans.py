@@ -16,8 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from torchrec_sid._dist import ShardLayout, all_reduce_sum_, gather_rows, worst_rows
 from torchrec_sid.quantizers.base import Record, ResidualQuantizer, check_setting, register, row_chunks
-from torchrec_sid.quantizers.distributed import ShardLayout, all_reduce_sum_, gather_rows, worst_rows
 
 
 def squared_distances(x: Tensor, x_sq: Tensor, centroids: Tensor, centroid_sq: Tensor) -> Tensor:

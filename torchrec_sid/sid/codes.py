@@ -17,6 +17,24 @@ def _check_codes(codes: Tensor) -> None:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
 
 
+def check_codes(codes: Tensor, cardinalities: list[int], *, what: str = "codes") -> Tensor:
+    """``codes: [N, l]`` (``1 <= l <= len(cardinalities)``) as int64; ValueError naming the first bad entry."""
+    codes = torch.as_tensor(codes)
+    if codes.ndim != 2 or not 1 <= codes.shape[1] <= len(cardinalities):
+        raise ValueError(f"{what} must be [N, levels] with 1 <= levels <= {len(cardinalities)}, "
+                         f"got shape {tuple(codes.shape)}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"{what} must be an integer tensor, got {codes.dtype}")
+    codes = codes.long()
+    limit = torch.tensor(cardinalities[: codes.shape[1]])
+    bad = ((codes < 0) | (codes >= limit)).nonzero()
+    if len(bad):
+        i, level = bad[0].tolist()
+        raise ValueError(f"{what}[{i}, {level}] = {int(codes[i, level])} is outside [0, {cardinalities[level]}) "
+                         f"at level {level} ({len(bad)} bad entries in all)")
+    return codes
+
+
 def _group_of_each_item(codes: Tensor) -> tuple[Tensor, Tensor]:
     """Groups items by full code. Returns (group: [N] index of each item's code, size: [G] items per code)."""
     _, group = torch.unique(codes, dim=0, return_inverse=True)

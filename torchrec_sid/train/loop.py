@@ -39,11 +39,11 @@ from torchrec_sid.data.batches import CtrBatches, InteractionData
 from torchrec_sid.io import atomic_write_json
 from torchrec_sid.models.dlrm import SidDLRM, count_parameters
 from torchrec_sid.modules import SoftSidEmbedding
-from torchrec_sid.quantizers.base import SemanticIds
-from torchrec_sid.quantizers.job import QuantizeConfig
 from torchrec_sid.quantizers.metrics import perplexity, utilization
 from torchrec_sid.quantizers.mmq import MMQ
+from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.codes import collision_rate
+from torchrec_sid.sid.semantic_ids import quantizer_path
 from torchrec_sid.train import checkpoint
 from torchrec_sid.train.config import TrainConfig
 from torchrec_sid.train.metrics import ctr_metrics, gather
@@ -89,7 +89,7 @@ def export_semantic_ids(model: nn.Module, config: TrainConfig) -> SemanticIds:
                        {**quantizer.config(), "finetuned_from": config.tokenizer, "finetune_run": config.name},
                        metrics).with_collision_suffix()
     sids.save(config.export_semantic_ids)
-    quantizer.save(QuantizeConfig(out=config.export_semantic_ids).quantizer_path)
+    quantizer.save(quantizer_path(config.export_semantic_ids))
     return sids
 
 

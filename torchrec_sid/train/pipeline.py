@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from torchrec.distributed.types import ShardedModule
 
 logger = logging.getLogger(__name__)
 
-StepOutput = Tuple[Tensor, Tensor, Tensor]
+StepOutput = tuple[Tensor, Tensor, Tensor]
 
 
 class SidDLRMTrain(nn.Module):
@@ -53,7 +54,7 @@ class SidDLRMTrain(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> Tuple[Tensor, StepOutput]:
+    def forward(self, batch: Batch) -> tuple[Tensor, StepOutput]:
         logits = self.model(batch.dense_features, batch.sparse_features)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         return loss, (loss.detach(), logits.detach(), batch.labels)
@@ -140,7 +141,7 @@ class TimedIterator:
             self.seconds += time.perf_counter() - start
 
 
-def train_steps(pipeline: TrainPipeline, batches: Iterator[Batch]) -> Iterator[Tuple[StepOutput, float]]:
+def train_steps(pipeline: TrainPipeline, batches: Iterator[Batch]) -> Iterator[tuple[StepOutput, float]]:
     """Trains on every batch of ``batches`` through ``pipeline``, in order; yields after each step its output
     ``(loss, logits, labels)`` and its seconds, less the time ``batches`` took to build batches. The pipeline
     starts afresh (``reset``): run each call's generator to its end before the next call."""

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from torchrec_sid.cli import format_metric, format_results
 from torchrec_sid.data import movielens
-from torchrec_sid.quantizers.job import QuantizeConfig
-from torchrec_sid.quantizers.job import run as quantize
+from torchrec_sid.jobs.quantize import QuantizeConfig
+from torchrec_sid.jobs.quantize import run as quantize
+from torchrec_sid.report import format_metric, format_results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUANTIZE = ("quantize_rq_kmeans", "quantize_rq_gmm", "quantize_dpca", "quantize_mmq")
 # finetune_mmq (MMQ stage 2) writes the fine-tuned SIDs that movielens_sid_mmq_ft trains on
 TRAIN = ("movielens_id", "movielens_sid_rq_kmeans", "movielens_sid_rq_gmm", "movielens_side", "movielens_sid_mmq",

@@ -25,8 +25,10 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from torchrec_sid.quantizers.autoencoder import NeuralQuantizer
-from torchrec_sid.quantizers.base import SemanticIds, build_quantizer
+from torchrec_sid.quantizers.base import build_quantizer
 from torchrec_sid.quantizers.metrics import perplexity, quality_report, utilization
+from torchrec_sid.sid import SemanticIds
+from torchrec_sid.sid.semantic_ids import quantizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +85,7 @@ class QuantizeConfig:
 
     @property
     def quantizer_path(self) -> Path:
-        out = Path(self.out)
-        return out.with_name(out.name.removesuffix(".safetensors") + ".quantizer.safetensors")
+        return quantizer_path(self.out)
 
 
 def embedding_source(config: QuantizeConfig, progress: bool = True) -> dict[str, np.ndarray]:
