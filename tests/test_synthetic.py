@@ -6,7 +6,8 @@ import torch
 
 from torchrec_sid.data import synthetic
 from torchrec_sid.data.batches import CtrBatches
-from torchrec_sid.data.synthetic import SyntheticConfig, SyntheticData, _auc, describe, generate, oracle_auc
+from torchrec_sid.data.synthetic import SyntheticConfig, SyntheticData, describe, generate, oracle_auc
+from torchrec_sid.metrics import auc
 
 # 100 to 300 clicks, so about 250 to 800 impressions per user, of which 200 become samples
 SMALL = SyntheticConfig(num_items=2_000, num_users=50, min_history=100, max_history=300, samples_per_user=200)
@@ -196,7 +197,7 @@ def test_labels_depend_on_content(data):
     rate = (clicks + 2 * train.positive_rate()) / (shows + 2)
     for name in ("test", "cold"):
         s = it.splits[name]
-        assert _auc(s.labels, rate[s.users * c + clusters[s.items]]) > 0.6, name
+        assert auc(torch.as_tensor(rate[s.users * c + clusters[s.items]]), torch.as_tensor(s.labels)) > 0.6, name
     assert "oracle AUC test" in describe(data)
 
 
@@ -211,7 +212,7 @@ def test_auc_matches_sklearn():
     rng = np.random.default_rng(0)
     labels = (rng.random(500) < 0.3).astype(np.float32)
     scores = np.round(rng.random(500) + labels * 0.3, 1)  # ties
-    assert _auc(labels, scores) == pytest.approx(metrics.roc_auc_score(labels, scores))
+    assert auc(torch.as_tensor(scores), torch.as_tensor(labels)) == pytest.approx(metrics.roc_auc_score(labels, scores))
 
 
 def test_ctr_batches(data):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from torchrec_sid.metrics import auc
 from torchrec_sid.train.metrics import ctr_metrics
 
 
@@ -37,3 +38,8 @@ def test_base_rate_predictor_has_ne_one_and_auc_half() -> None:
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match=r"must both be \[N\], got \(3,\) and \(4,\)"):
         ctr_metrics(torch.zeros(3), torch.zeros(4))
+
+
+def test_auc_of_a_one_class_split_is_nan_not_a_half() -> None:
+    assert math.isnan(auc(torch.tensor([0.2, 0.9, 0.4]), torch.tensor([1, 1, 1])))
+    assert math.isnan(ctr_metrics(torch.tensor([0.2, 0.9]), torch.tensor([0.0, 0.0]))["auc"])

@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from torchrec_sid.metrics import auc
 from torchrec_sid.data.batches import Catalog, Histories, InteractionData, Samples
 
 START_TIMESTAMP = 1_577_836_800  # 2020-01-01 00:00:00 UTC
@@ -384,7 +385,7 @@ def _events(rng: np.random.Generator, cfg: SyntheticConfig, targets: np.ndarray,
                          f"max_history")
     need = targets.astype(np.float64)  # warm clicks still to come
     done = np.zeros(num_users, dtype=np.int64)  # impressions drawn so far
-    rounds = []
+    rounds: list[tuple[np.ndarray, ...]] = []
     while (need > 0).any():
         who = np.flatnonzero(need > 0)
         shortfall = need[who] if rounds else 0.0  # the first round's drift ramp is expected to bring the targets
@@ -487,7 +488,7 @@ def _activity_features(ids: np.ndarray, n: int) -> np.ndarray:
 
 def oracle_auc(data: SyntheticData, split: str) -> float:
     """ROC AUC of the true click probabilities on ``split``: what a Bayes-optimal model scores there."""
-    return _auc(data.interactions.splits[split].labels, data.click_probability[split])
+    return auc(torch.as_tensor(data.click_probability[split]), torch.as_tensor(data.interactions.splits[split].labels))
 
 
 def describe(data: SyntheticData) -> str:
@@ -496,20 +497,3 @@ def describe(data: SyntheticData) -> str:
     lines = [data.interactions.summary(), f"  config: {cfg}"]
     lines += [f"  oracle AUC {name:<6} {oracle_auc(data, name):.3f}" for name in data.interactions.splits]
     return "\n".join(lines)
-
-
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Rank-based ROC AUC (ties get average ranks); NaN when a class is missing."""
-    labels = np.asarray(labels) > 0
-    pos, n = int(labels.sum()), len(labels)
-    if pos == 0 or pos == n:
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    ranks = np.empty(n, dtype=np.float64)
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    group_start = np.concatenate([[0], boundaries])
-    group_end = np.concatenate([boundaries, [n]])
-    average = (group_start + group_end + 1) / 2.0  # 1-based mean rank of each tie group
-    ranks[order] = np.repeat(average, group_end - group_start)
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2.0) / (pos * (n - pos)))

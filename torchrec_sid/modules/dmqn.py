@@ -59,7 +59,7 @@ def gumbel_straight_through(logits: Tensor, step: Tensor, schedule: tuple[float,
     (``schedule = (initial, final, anneal_steps)``), one-hot in value with the soft gradient; advances the step
     counter ``step`` in place. An fx leaf, since fx does not proxy buffers: a traced module then reads and
     advances the step at run time, as the eager one does."""
-    soft = F.gumbel_softmax(logits, tau=TemperatureSchedule(*schedule)(step))
+    soft = F.gumbel_softmax(logits, tau=TemperatureSchedule(*schedule)(step))  # type: ignore[arg-type]  # 0-d
     step.add_(1)
     hard = F.one_hot(soft.argmax(dim=-1), logits.size(-1)).to(soft.dtype)
     return hard - soft.detach() + soft
@@ -95,6 +95,8 @@ class MultiClusterQuantizer(nn.Module):
         clusters = mcqm(history, mask)
         clusters.embeddings.shape, clusters.counts.sum()  # [1, 8, 8], 10 (5 events x 2 codebooks)
     """
+
+    step: Tensor
 
     def __init__(
         self,
@@ -132,7 +134,7 @@ class MultiClusterQuantizer(nn.Module):
 
         Training draws these (and advances the schedule); their sharpness shows the schedule's progress.
         """
-        return F.gumbel_softmax(self.logits(history), tau=self.temperature(), hard=False)
+        return F.gumbel_softmax(self.logits(history), tau=self.temperature(), hard=False)  # type: ignore[arg-type]
 
     def forward(self, history: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Clusters:
         """``history: [B, L, D]``, ``mask: [B, L]`` bool, ``timestamps: [B, L]`` → :class:`Clusters` (M = N·W)."""
@@ -342,14 +344,15 @@ class CachedDMQN:
         and is called once, only when some keys miss the cache."""
         if self.model.training:
             raise ValueError("CachedDMQN: the model is in training mode (random assignments); call model.eval()")
-        states = [self.cache.get(key) for key in keys]
-        missing = [row for row, state in enumerate(states) if state is None]
+        cached = [self.cache.get(key) for key in keys]
+        missing = [row for row, state in enumerate(cached) if state is None]
         if missing:
             with torch.no_grad():
                 encoded = self.model.encode_user(*load_history(missing))
             for i, row in enumerate(missing):
-                states[row] = DMQNState(encoded.clusters[i].clone(), encoded.mask[i].clone())
-                self.cache.put(keys[row], states[row])
+                cached[row] = state = DMQNState(encoded.clusters[i].clone(), encoded.mask[i].clone())
+                self.cache.put(keys[row], state)
+        states = [s for s in cached if s is not None]
         return DMQNState(torch.stack([s.clusters for s in states]), torch.stack([s.mask for s in states]))
 
     def score(self, keys: Sequence[Hashable], candidates: Tensor,

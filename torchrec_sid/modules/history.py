@@ -59,6 +59,13 @@ def jagged_to_padded(jt: JaggedTensor, max_len: int, padding_value: float = 0.0)
     return padded, padding_mask(kept, max_len)
 
 
+def masked_softmax(logits: Tensor, valid: Tensor) -> Tensor:
+    """Softmax of ``logits: [..., L]`` over the positions where ``valid`` (bool, broadcastable) is true; zeros at
+    padding. A row with no valid position gets all-zero weights, never NaN (its logits stay finite)."""
+    logits = logits.masked_fill(~(valid | ~valid.any(dim=-1, keepdim=True)), float("-inf"))
+    return torch.where(valid, torch.softmax(logits, dim=-1), 0.0)
+
+
 def check_history_inputs(
     block: str,
     embedding_dim: int,

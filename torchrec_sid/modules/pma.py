@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from torchrec_sid.modules.history import HistoryBlock, check_history_inputs
+from torchrec_sid.modules.history import HistoryBlock, check_history_inputs, masked_softmax
 
 
 class PMA(HistoryBlock):
@@ -92,8 +92,6 @@ class PMA(HistoryBlock):
         q, k, v = self._heads(queries), self._heads(self.key_proj(values)), self._heads(values)
         logits = q @ k.transpose(-1, -2) / (self.embedding_dim // self.num_heads) ** 0.5  # [B, heads, k, L]
         valid = mask[:, None, None, :]
-        # -inf at padding, except in a row without events: its logits stay finite (no NaN), weights zeroed
-        logits = logits.masked_fill(~(valid | ~valid.any(dim=-1, keepdim=True)), float("-inf"))
-        weights = torch.where(valid, torch.softmax(logits, dim=-1), 0.0)
+        weights = masked_softmax(logits, valid)
         pooled = (weights @ v).transpose(1, 2).flatten(-2)  # [B, k, D]
         return pooled.flatten(1)

@@ -238,6 +238,8 @@ class SidFeatureTransform(nn.Module):
         ebc(out)  # KeyedTensor: one [2, 16] vector per derived feature (4 tables, each shared by 2 features)
     """
 
+    item_tokens: Tensor
+
     def __init__(
         self,
         semantic_ids: SemanticIds,

@@ -62,6 +62,11 @@ class SIDEmbedding(nn.Module):
         side.num_parameters([3, 3, 3, 3], 16)          # 64, against 81 * 16 rows of a table
     """
 
+    radix_weights: Tensor
+    radix: Tensor
+    bit_shifts: Tensor | None
+    centres: Tensor
+
     def __init__(
         self,
         radices: Sequence[int],

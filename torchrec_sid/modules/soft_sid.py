@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,9 @@ class SoftIndexTokenizer(Protocol):
     dims: dict[str, int]  # modality -> input dimension
     codebooks: Sequence[nn.Embedding]  # E codebooks of K rows each
 
-    def train(self, mode: bool = True) -> nn.Module: ...
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
 
     def similarities(self, signals: Mapping[str, Tensor]) -> Tensor:
         """``{m: [B, D_m]}`` -> cosine similarity of each expert's output to its codebook ``[B, E, K]``."""
@@ -53,12 +55,12 @@ class _AddAuxiliaryLoss(torch.autograd.Function):
     """``x`` unchanged; backward also sends gradient 1 to ``loss``, so the loss joins any loss computed from x."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, loss: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, loss: Tensor) -> Tensor:
         ctx.dtype, ctx.device = loss.dtype, loss.device
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         return grad, torch.ones((), dtype=ctx.dtype, device=ctx.device)
 
 
@@ -91,6 +93,9 @@ class SoftSidEmbedding(nn.Module):
         soft.codes()                   # [1682, 6], the items' current hard SIDs
     """
 
+    tokenizer: SoftIndexTokenizer
+    signal_0: Tensor
+
     def __init__(self, tokenizer: SoftIndexTokenizer, signals: dict[str, Tensor], embedding_dim: int, tau: float = 0.1,
                  recon_weight: float = 0.5, aux_weight: float = 0.5) -> None:
         super().__init__()
@@ -104,7 +109,8 @@ class SoftSidEmbedding(nn.Module):
             raise ValueError(f"signals must have one row per item each, got {[len(x) for x in signals.values()]}")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        self.tokenizer = tokenizer.train()
+        tokenizer.train()
+        self.tokenizer = tokenizer
         self.modalities = list(tokenizer.dims)
         for i, m in enumerate(self.modalities):
             self.register_buffer(f"signal_{i}", signals[m].float().clone())

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from torchrec_sid.modules.history import HistoryBlock, check_history_inputs
+from torchrec_sid.modules.history import HistoryBlock, check_history_inputs, masked_softmax
 
 
 class TargetAttention(nn.Module):
@@ -56,9 +56,7 @@ class TargetAttention(nn.Module):
         hidden = pairs + self.key_proj(keys)[:, None] + self.query_proj(queries)[:, :, None]
         logits = self.mlp(hidden).squeeze(-1)  # [B, C, L]
         valid = mask[:, None, :]
-        # -inf at padding, except in a row without valid keys: its logits stay finite (no NaN), weights zeroed
-        logits = logits.masked_fill(~(valid | ~valid.any(dim=-1, keepdim=True)), float("-inf"))
-        weights = torch.where(valid, torch.softmax(logits, dim=-1), 0.0)
+        weights = masked_softmax(logits, valid)
         return weights @ keys
 
 

@@ -19,19 +19,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from torchrec_sid._dist import is_distributed
 from torchrec_sid.io import ChecksumError, atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 
 
 def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 

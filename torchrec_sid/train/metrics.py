@@ -1,7 +1,6 @@
 """Evaluation metrics of a CTR model, computed with TorchRec's metric functions on all of a split's predictions.
 
-* ``auc``: area under the ROC curve from average ranks (Mann-Whitney), exact with tied scores.
-  (``torchrec.metrics.auc.compute_auc`` orders tied scores arbitrarily: a constant predictor can score 0.67.)
+* ``auc``: :func:`torchrec_sid.metrics.auc` (exact with tied scores; NaN for a one-class split).
 * ``ne``: normalised entropy, ``torchrec.metrics.ne.compute_ne``: the log loss divided by the entropy of the label
   mean (``NE = -1/N sum [y log p + (1-y) log(1-p)] / -[p̂ log p̂ + (1-p̂) log(1-p̂)]``; < 1 beats the base rate).
 * ``logloss``: mean binary cross-entropy in nats.
@@ -18,6 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
+
+from torchrec_sid._dist import is_distributed
+from torchrec_sid.metrics import auc
 
 ETA = 1e-12
 
@@ -44,24 +46,11 @@ def ctr_metrics(probabilities: Tensor, labels: Tensor) -> dict[str, float]:
     }
 
 
-def auc(scores: Tensor, labels: Tensor) -> float:
-    """ROC AUC of ``scores: [N]`` for binary ``labels: [N]``; tied scores share their average rank; 0.5 when a
-    class is missing."""
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    if positives == 0 or negatives == 0:
-        return 0.5
-    sorted_scores, order = torch.sort(scores.double())
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    last = torch.cumsum(counts, 0).double()
-    average_rank = (last - (counts - 1) / 2.0)[inverse]  # 1-based rank, averaged within each tie group
-    positive_rank_sum = float((average_rank * labels.double()[order]).sum())
-    return (positive_rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
 
 
 def gather(tensor: Tensor) -> Tensor:
     """This rank's ``[n]`` predictions or labels -> every rank's, concatenated in rank order (identity on 1 process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed() or dist.get_world_size() == 1:
         return tensor
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([len(tensor)]))

@@ -1,0 +1,60 @@
+"""Typed config loading: each YAML mistake is refused at load time, naming the file, the field and the value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pytest
+import yaml
+
+from torchrec_sid.typed_config import ConfigError, bounds, from_mapping
+
+
+@dataclass(frozen=True)
+class Inner:
+    dim: int = field(default=8, metadata=bounds(ge=1))
+    layers: tuple[int, ...] = (4,)
+
+
+@dataclass(frozen=True)
+class Run:
+    lr: float = field(default=0.1, metadata=bounds(gt=0))
+    steps: int | None = None
+    flag: bool = False
+    splits: tuple[str, ...] = ("test",)
+    kind: Literal["a", "b"] = "a"
+    inner: Inner = Inner()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load(text: str) -> Run:
+    return from_mapping(Run, yaml.safe_load(text), "run.yaml")
+
+
+def test_good_values_load_and_yaml_exponent_floats_are_numbers() -> None:
+    run = load("lr: 1e-3\nsteps: 5\nflag: true\nsplits: [valid, test]\nkind: b\ninner: {dim: 2, layers: [3, 1]}")
+    assert run == Run(lr=0.001, steps=5, flag=True, splits=("valid", "test"), kind="b", inner=Inner(2, (3, 1)))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "run.yaml: expected a mapping of Run fields, got an empty file"),
+    ("- 1\n- 2", "run.yaml: expected a mapping of Run fields, got a list"),
+    ("lrate: 0.1", r"run.yaml: unknown field\(s\) \['lrate'\]; Run has \["),
+    ("steps: 100.5", r"run.yaml: steps = 100.5: expected an integer"),
+    ("steps: true", r"run.yaml: steps = True: expected an integer"),
+    ("flag: 'false'", r"run.yaml: flag = 'false': expected true or false"),
+    ("splits: test", r"run.yaml: splits = 'test': expected a list \(write \[test\] for one element\)"),
+    ("lr: .inf", r"run.yaml: lr = inf: expected a finite number"),
+    ("lr: .nan", r"run.yaml: lr = nan: expected a finite number"),
+    ("lr: -1", r"run.yaml: lr = -1.0: must be > 0"),
+    ("lr: fast", r"run.yaml: lr = 'fast': expected a number"),
+    ("kind: c", r"run.yaml: kind = 'c': expected one of \['a', 'b'\]"),
+    ("inner: {dim: 0}", r"run.yaml: inner.dim = 0: must be >= 1"),
+    ("inner: {layers: [1, x]}", r"run.yaml: inner.layers\[1\] = 'x': expected an integer"),
+    ("inner: {depth: 1}", r"run.yaml: inner: unknown field\(s\) \['depth'\]"),
+    ("extra: 3", r"run.yaml: extra = 3: expected a mapping"),
+])
+def test_mistakes_are_refused_naming_file_field_and_value(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(text)
