@@ -12,11 +12,13 @@ version (``ValueError``), naming the path.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,37 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of an output folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+    """Holds an exclusive lock on ``folder`` (``<folder>/.lock``, created with the folder) while the block runs.
+
+    A second process that asks for the same folder fails at once with :class:`LockedError` naming the holder's
+    pid, instead of racing it for the same files. The lock is released when the block ends or the process dies.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise LockedError(f"{folder} is in use by another {what} (pid {holder}); give this one another --out, "
+                              f"or wait for that one to end") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield folder
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
