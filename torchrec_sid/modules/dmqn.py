@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import astuple, dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,8 @@ class MultiClusterQuantizer(nn.Module):
         clusters.embeddings.shape, clusters.counts.sum()  # [1, 8, 8], 10 (5 events x 2 codebooks)
     """
 
-    step: Tensor
+    if TYPE_CHECKING:  # buffer types for mypy; TorchScript cannot read class-level annotations here
+        step: Tensor
 
     def __init__(
         self,

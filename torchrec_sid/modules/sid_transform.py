@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -238,7 +238,8 @@ class SidFeatureTransform(nn.Module):
         ebc(out)  # KeyedTensor: one [2, 16] vector per derived feature (4 tables, each shared by 2 features)
     """
 
-    item_tokens: Tensor
+    if TYPE_CHECKING:  # buffer types for mypy; TorchScript cannot read class-level annotations here
+        item_tokens: Tensor
 
     def __init__(
         self,

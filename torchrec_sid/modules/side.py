@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -62,10 +63,11 @@ class SIDEmbedding(nn.Module):
         side.num_parameters([3, 3, 3, 3], 16)          # 64, against 81 * 16 rows of a table
     """
 
-    radix_weights: Tensor
-    radix: Tensor
-    bit_shifts: Tensor | None
-    centres: Tensor
+    if TYPE_CHECKING:  # buffer types for mypy; TorchScript cannot read class-level annotations here
+        radix_weights: Tensor
+        radix: Tensor
+        bit_shifts: Tensor | None
+        centres: Tensor
 
     def __init__(
         self,

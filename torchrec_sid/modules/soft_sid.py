@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +93,9 @@ class SoftSidEmbedding(nn.Module):
         soft.codes()                   # [1682, 6], the items' current hard SIDs
     """
 
-    tokenizer: SoftIndexTokenizer
-    signal_0: Tensor
+    if TYPE_CHECKING:  # buffer types for mypy; TorchScript cannot read class-level annotations here
+        tokenizer: SoftIndexTokenizer
+        signal_0: Tensor
 
     def __init__(self, tokenizer: SoftIndexTokenizer, signals: dict[str, Tensor], embedding_dim: int, tau: float = 0.1,
                  recon_weight: float = 0.5, aux_weight: float = 0.5) -> None:
