@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -91,7 +92,7 @@ def fit_all(x: Tensor, levels: int, k: int, iters: int, seeds: list[int]) -> dic
                 codes = q.encode(x)
                 runs.append({"seed": seed, "levels": curves_of(q),
                              "encode_rmse_per_level": [rmse(x, q.decode(codes[:, : lv + 1])) for lv in range(levels)]})
-        methods[name] = {"config": {k_: v for k_, v in build(0).config().items() if k_ != "seed"}, "runs": runs}
+        methods[name] = {"config": {k_: v for k_, v in build(0).get_params().items() if k_ != "seed"}, "runs": runs}
     return methods
 
 
@@ -111,9 +112,10 @@ def summarise(methods: dict[str, Any], levels: int) -> list[dict[str, Any]]:
                                 "best": min(r), "near": near,
                                 "init_start": c["rmse"][0],
                                 "ll_first": lls[0] if lls else None, "ll_last": lls[-1] if lls else None,
-                                "ll_decreases": sum(b < a - LL_NOISE * abs(a) for a, b in zip(lls, lls[1:])),
-                                "ll_largest_fall": max([a - b for a, b in zip(lls, lls[1:])] + [0.0]) if lls else None,
-                                "rmse_increases": sum(b > a * (1 + 1e-9) for a, b in zip(r, r[1:])),
+                                "ll_decreases": sum(b < a - LL_NOISE * abs(a) for a, b in itertools.pairwise(lls)),
+                                "ll_largest_fall": (max([a - b for a, b in itertools.pairwise(lls)] + [0.0])
+                                                    if lls else None),
+                                "rmse_increases": sum(b > a * (1 + 1e-9) for a, b in itertools.pairwise(r)),
                                 "iterations": len(r)})
             mean = {key: (statistics.fmean(p[key] for p in per_run) if per_run[0][key] is not None else None)
                     for key in per_run[0]}

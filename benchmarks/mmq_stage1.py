@@ -124,8 +124,10 @@ def run_mmq(data: dict[str, Tensor], training: dict[str, Any], gamma: float, see
     fit_s, epochs = fit_timed(q, data)
     codes = q.encode(data)
     encode, _ = time_call(lambda: q.encode(data), repeats=3, warmup=0)
-    return {"fit_s": fit_s, "epochs": epochs, "encode_s": encode["median_s"], **reconstruction(data, q.decode(codes)),
-            **reconstruction(data, q.reconstruct(data), "gated_"), **code_stats(codes), **orthogonality(q, data)}
+    gated = q.reconstruct_signals(data)
+    return {"fit_s": fit_s, "epochs": epochs, "encode_s": encode["median_s"],
+            **reconstruction(data, q.decode_signals(codes)), **reconstruction(data, gated, "gated_"),
+            **code_stats(codes), **orthogonality(q, data)}
 
 
 def run_ma_rq_vae(data: dict[str, Tensor], training: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -133,8 +135,8 @@ def run_ma_rq_vae(data: dict[str, Tensor], training: dict[str, Any], seed: int) 
     fit_s, epochs = fit_timed(q, data)
     codes = q.encode(data)
     encode, _ = time_call(lambda: q.encode(data), repeats=3, warmup=0)
-    return {"fit_s": fit_s, "epochs": epochs, "encode_s": encode["median_s"], **reconstruction(data, q.decode(codes)),
-            **code_stats(codes)}
+    return {"fit_s": fit_s, "epochs": epochs, "encode_s": encode["median_s"],
+            **reconstruction(data, q.decode_signals(codes)), **code_stats(codes)}
 
 
 def run_ms_rq_vae(data: dict[str, Tensor], training: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def fit_ours(quantizer: RQKMeans | RQGMM) -> Callable[[Tensor, int], tuple[Tenso
     """Fits a library quantizer; returns codes ``[N, L]`` and the prefix reconstructions (levels 1..L)."""
 
     def run(x: Tensor, seed: int) -> tuple[Tensor, list[Tensor]]:
-        q = type(quantizer)(**{**quantizer.config(), "seed": seed}).fit(x)
+        q = quantizer.clone().set_params(seed=seed).fit(x)
         codes = q.encode(x)
         return codes, [q.decode(codes[:, : level + 1]) for level in range(codes.shape[1])]
 

@@ -97,8 +97,8 @@ def run_seed(data: dict[str, Tensor], training: dict[str, Any], seed: int, num_q
                 with stage(f"{method} {setting} {fit_name} seed {seed}"):
                     timing = fit_timed(q, x)
                 codes = q.encode(x)
-                decoded = q.decode(codes)
-                decoded = {fit_name: decoded} if isinstance(decoded, Tensor) else decoded
+                # one unnamed signal ("x") is the text
+                decoded = {fit_name if k == "x" else k: v for k, v in q.decode_signals(codes).items()}
                 row = {"method": method, "setting": setting, "fit": fit_name, "seed": seed, **timing,
                        **{f"cos_{k}": cosine_loss(data[k], v) for k, v in decoded.items()}}
                 if fit_name == "text":

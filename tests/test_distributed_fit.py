@@ -1,12 +1,9 @@
 """Fitting on 2 real gloo processes, each with its own shard of the items, gives the 1-process result."""
 
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.multiprocess import run_multiprocess
 from torchrec_sid._dist import ShardLayout, gather_rows, worst_rows
 from torchrec_sid.quantizers import build_quantizer
 
@@ -45,33 +42,27 @@ def fit_all(shard: slice) -> dict[str, dict]:
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def _fit_on_my_shard(rank: int, world_size: int) -> dict:
+    """One rank of the 2-process run (tests.multiprocess): fits on its shard, crosses rows, checks a bad row."""
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+    result: dict = fit_all(shard)
+    x = catalogues()["blobs"][shard]
+    layout = ShardLayout(shard.start, len(x), 1200)
+    result["gathered"] = gather_rows(x, torch.tensor([1100, 3, 400, 399]), layout)
+    result["worst"] = worst_rows(x[:, 0], 5, layout)
+    bad = x.clone()
+    if rank == 1:
+        bad[7, 0] = float("nan")
     try:
-        shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-        result = fit_all(shard)
-        x = catalogues()["blobs"][shard]
-        layout = ShardLayout(shard.start, len(x), 1200)
-        result["gathered"] = gather_rows(x, torch.tensor([1100, 3, 400, 399]), layout)
-        result["worst"] = worst_rows(x[:, 0], 5, layout)
-        bad = x.clone()
-        if rank == 1:
-            bad[7, 0] = float("nan")
-        try:
-            build_quantizer("rq_kmeans", levels=1, codebook_size=8).fit(bad)
-        except ValueError as e:
-            result["error"] = str(e)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        build_quantizer("rq_kmeans", levels=1, codebook_size=8).fit(bad)
+    except ValueError as e:
+        result["error"] = str(e)
+    return result
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(folder / "init"), str(folder)), nprocs=2, join=True)
-    return [torch.load(folder / f"rank{r}.pt") for r in range(2)]
+def two_ranks() -> list[dict]:
+    return run_multiprocess(_fit_on_my_shard, world_size=2)
 
 
 @pytest.fixture(scope="module")

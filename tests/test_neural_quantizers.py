@@ -266,14 +266,13 @@ def test_save_load_round_trip(fitted, tmp_path: Path):
     q, x = fitted
     loaded = Quantizer.load(q.save(tmp_path / "q.safetensors"))
     assert type(loaded) is type(q)
-    assert loaded.config() == q.config()
+    assert loaded.get_params() == q.get_params()
     assert loaded.history_ == q.history_
-    assert torch.equal(loaded.encode(x), q.encode(x))
-    decoded, expected = loaded.decode(q.encode(x)), q.decode(q.encode(x))
-    if isinstance(expected, dict):
-        assert decoded.keys() == expected.keys() and all(torch.equal(decoded[k], expected[k]) for k in expected)
-    else:
-        assert torch.equal(decoded, expected)
+    codes = q.encode(x)
+    assert torch.equal(loaded.encode(x), codes)
+    assert torch.equal(loaded.decode(codes), q.decode(codes))
+    decoded, expected = loaded.decode_signals(codes), q.decode_signals(codes)
+    assert decoded.keys() == expected.keys() and all(torch.equal(decoded[k], expected[k]) for k in expected)
 
 
 def test_unfitted_quantizer_refuses_to_encode_and_save(tmp_path: Path):
@@ -288,13 +287,15 @@ def test_unfitted_quantizer_refuses_to_encode_and_save(tmp_path: Path):
 
 def test_fusion_decode_returns_every_signal(fitted):
     q, x = fitted
-    out = q.decode(q.encode(x))
+    codes = q.encode(x)
+    out = q.decode_signals(codes)
     if isinstance(x, dict):
         assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in x.items()}
         if "genres" in out and q.signal_losses["genres"] == "bce":
             assert out["genres"].min() >= 0 and out["genres"].max() <= 1
+        assert torch.equal(q.decode(codes), torch.cat([out["genres"], out["text"]], dim=1))  # signal name order
     else:
-        assert out.shape == x.shape
+        assert q.decode(codes).shape == x.shape and torch.equal(out["x"], q.decode(codes))
 
 
 @pytest.fixture(scope="module")
@@ -351,19 +352,19 @@ def test_bce_signal_outside_unit_interval_raises(fusion):
         fusion.encode({**data, "genres": genres})
 
 
-def test_bad_settings_raise():
-    with pytest.raises(ValueError, match=r"signal 'genres' has loss 'hinge'; expected one of"):
-        FSQ(signals={"text": "cosine", "genres": "hinge"})
-    with pytest.raises(ValueError, match=r"signal_weights names \['year'\], which are not signals"):
-        FSQ(signals=FUSION, signal_weights={"year": 1.0})
-    with pytest.raises(ValueError, match=r"levels\[1\] = 1: every dimension needs an integer number of levels >= 2"):
-        FSQ(levels=[3, 1])
-    with pytest.raises(ValueError, match=r"levels must list each latent dimension's number of levels.*got 3"):
-        FSQ(levels=3)
-    with pytest.raises(ValueError, match="latent_dim=10 must be a multiple of groups=3"):
-        DPCA(groups=3, latent_dim=10)
-    with pytest.raises(ValueError, match=r"valid_frac must be in \(0, 1\), got 0.0"):
-        RQVAE(valid_frac=0.0)
+def test_bad_settings_raise_at_fit():
+    data = items(num_items=40)
+    for q, message in [
+        (FSQ(signals={"text": "cosine", "genres": "hinge"}), r"signal 'genres' has loss 'hinge'; expected one of"),
+        (FSQ(signals=FUSION, signal_weights={"year": 1.0}), r"signal_weights names \['year'\], which are not signals"),
+        (FSQ(levels=[3, 1]), r"levels\[1\] = 1: every dimension needs an integer number of levels >= 2"),
+        (FSQ(levels=3), r"levels must list each latent dimension's number of levels.*got 3"),
+        (DPCA(groups=3, latent_dim=10), "latent_dim=10 must be a multiple of groups=3"),
+        (RQVAE(valid_frac=0.0), r"valid_frac must be a number in \(0.0, 1.0\), got 0.0"),
+        (MMQ(FUSION, alpha=float("nan")), r"alpha must be a number >= 0.0, got nan"),
+    ]:
+        with pytest.raises(ValueError, match=message):  # the constructor above stored the bad value
+            q.fit(data if q.signals else data["text"])
     with pytest.raises(ValueError, match="needs at least 64 rows, got 50"):
         RQVAE(codebook_size=64, init_rows=50, **{k: v for k, v in TINY.items() if k != "init_rows"}).fit(
             items()["text"])
@@ -390,7 +391,7 @@ def test_mmq_similarities_argmax_is_the_code_and_tokens_are_named():
     assert q.token_names == ["shared_0", "shared_1", "genres_0", "genres_1", "text_0", "text_1"]  # name order
     gates = q.model_.mean_gates
     assert gates.shape == (2, 2) and torch.allclose(gates.sum(1), torch.ones(2))
-    assert set(q.reconstruct(x)) == {"text", "genres"}
+    assert set(q.reconstruct_signals(x)) == {"text", "genres"}
 
 
 def test_soft_one_hot_is_hard_forward_and_soft_backward():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torchrec_sid.io import ChecksumError
-from torchrec_sid.quantizers import QUANTIZERS, RQGMM, Quantizer, RQKMeans, build_quantizer
+from torchrec_sid.quantizers import QUANTIZERS, RQGMM, NotFittedError, Quantizer, RQKMeans, build_quantizer
 from torchrec_sid.quantizers.metrics import perplexity, quality_report, recall_at_k, rmse, utilization
 from torchrec_sid.sid import SemanticIds
 
@@ -94,7 +94,7 @@ def test_quantizer_save_load_round_trip(fitted, data, tmp_path: Path):
     path = fitted.save(tmp_path / "q.safetensors")
     loaded = Quantizer.load(path)
     assert type(loaded) is type(fitted)
-    assert loaded.config() == fitted.config()
+    assert loaded.get_params() == fitted.get_params()
     assert loaded.history_ == fitted.history_
     assert torch.equal(loaded.encode(x), fitted.encode(x))
     assert torch.equal(type(fitted).load(path).decode(fitted.encode(x)), fitted.decode(fitted.encode(x)))
@@ -115,7 +115,7 @@ def test_semantic_ids_save_load_round_trip(fitted, data, tmp_path: Path):
     assert torch.equal(loaded.codes, sids.codes)
     assert loaded.cardinalities == [8, 8]
     assert loaded.quantizer == fitted.name
-    assert loaded.config == fitted.config()
+    assert loaded.config == fitted.get_params()
     assert loaded.metrics == sids.metrics
     assert loaded.format_version == sids.format_version
 
@@ -170,7 +170,7 @@ def test_bad_inputs_raise_clear_errors(method, data):
         q.fit(torch.zeros(16))
     with pytest.raises(ValueError, match="needs at least codebook_size=8 items to fit, got 5"):
         q.fit(x[:5])
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         q.encode(x)
     q.fit(x)
     with pytest.raises(ValueError, match="has D=7 columns, expected D=16"):
@@ -184,10 +184,13 @@ def test_bad_settings_raise():
         build_quantizer("rq_nope")
     with pytest.raises(ValueError, match=r"unknown settings \['codebook'\] for quantizer 'rq_gmm'"):
         build_quantizer("rq_gmm", codebook=8)
-    with pytest.raises(ValueError, match="codebook_size must be >= 1, got 0"):
-        RQKMeans(codebook_size=0)
-    with pytest.raises(ValueError, match="residual must be one of"):
-        RQGMM(residual="soft")
+    x, _ = blobs(num_items=40)
+    with pytest.raises(ValueError, match="codebook_size must be an integer >= 1, got 0"):
+        RQKMeans(codebook_size=0).fit(x)  # checked by fit, not the constructor
+    with pytest.raises(ValueError, match=r"residual must be one of \['hard', 'posterior_mean'\], got 'soft'"):
+        RQGMM(residual="soft").fit(x)
+    with pytest.raises(ValueError, match=r"min_variance must be a number > 0.0, got 0.0"):
+        RQGMM(min_variance=0.0).fit(x)
 
 
 class ScalarLog:

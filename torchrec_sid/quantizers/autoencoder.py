@@ -3,7 +3,8 @@
 * **Signals.** A neural quantizer reads one or more named content signals ``{name: [N, D_k]}`` (one row per item),
   each with a reconstruction loss (:data:`SIGNAL_LOSSES`): ``cosine`` (``1 - cos``), ``mse`` (``||x - x_hat||^2``
   summed over the D_k columns) or ``bce`` (binary cross-entropy of logits, summed over columns; for multi-hot
-  categorical signals). Every loss is averaged over rows. With one signal, a bare ``[N, D]`` tensor is accepted.
+  categorical signals). Every loss is averaged over rows. With one signal, a bare ``[N, D]`` tensor is accepted
+  (:func:`~torchrec_sid.quantizers.base.as_signals`).
 * **Bottleneck** (:class:`Bottleneck`): latent ``z: [B, d]`` -> straight-through quantized latent
   ``z + sg(z_q - z)`` (forward value ``z_q``, gradient to ``z``), codes ``[B, n]`` and the codebook +
   commitment loss. :class:`VectorCodebook` is the codebook of the methods that have one (RQ-VAE, MMQ).
@@ -27,8 +28,8 @@ import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Self
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from torchrec_sid._dist import ShardLayout, is_distributed
-from torchrec_sid.quantizers.base import Quantizer, check_codes, check_embeddings, check_setting, row_chunks
+from torchrec_sid.quantizers.base import (
+    Quantizer,
+    QuantizerInput,
+    as_signals,
+    check_codes,
+    check_embeddings,
+    integer,
+    real,
+    row_chunks,
+    setting,
+)
 from torchrec_sid.quantizers.metrics import utilization
 from torchrec_sid.quantizers.rq_kmeans import kmeans_plus_plus, lloyd, nearest
 
@@ -52,20 +63,22 @@ SINGLE_SIGNAL = {"x": "cosine"}  # what ``signals=None`` means: one embedding, c
 # ---------------------------------------------------------------------------------------------------- signals
 
 
-def check_signal_spec(signals: Mapping[str, str]) -> dict[str, str]:
-    """``{name: loss}`` as a dict; ValueError for no signals, a name ModuleDict cannot hold, or an unknown loss."""
+def check_signal_spec(name: str, signals: Any) -> None:
+    """The check of a ``signals`` setting: None, or a non-empty ``{signal name: loss}`` dict whose names a
+    ModuleDict can hold and whose losses are in :data:`SIGNAL_LOSSES`."""
+    if signals is None:
+        return
     if not isinstance(signals, Mapping) or not signals:
-        raise ValueError(f"signals must be a non-empty {{name: loss}} dict, got {signals!r}")
-    for name, loss in signals.items():
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"signal names must be non-empty strings without '.', got {name!r}")
+        raise ValueError(f"{name} must be None or a non-empty {{signal name: loss}} dict with losses in "
+                         f"{list(SIGNAL_LOSSES)}, got {signals!r}")
+    for signal, loss in signals.items():
+        if not isinstance(signal, str) or not signal or "." in signal:
+            raise ValueError(f"{name}: signal names must be non-empty strings without '.', got {signal!r}")
         if loss not in SIGNAL_LOSSES:
-            raise ValueError(f"signal {name!r} has loss {loss!r}; expected one of {list(SIGNAL_LOSSES)}")
-    return dict(signals)
+            raise ValueError(f"{name}: signal {signal!r} has loss {loss!r}; expected one of {list(SIGNAL_LOSSES)}")
 
 
-def check_signals(x: Tensor | Mapping[str, Tensor], losses: dict[str, str],
-                  dims: dict[str, int] | None = None) -> Signals:
+def check_signals(x: QuantizerInput, losses: dict[str, str], dims: dict[str, int] | None = None) -> Signals:
     """Validates the input of ``fit`` / ``encode`` against the signals ``losses: {name: loss}``.
 
     ``x`` is ``{name: [N, D_k]}`` with exactly the configured names, or a bare ``[N, D]`` tensor when there is one
@@ -74,17 +87,7 @@ def check_signals(x: Tensor | Mapping[str, Tensor], losses: dict[str, str],
     than the fitted one, ``bce`` targets outside [0, 1].
     """
     names = list(losses)
-    if isinstance(x, Mapping):
-        given = list(x)
-        if set(given) != set(names):
-            raise ValueError(f"expected {len(names)} signal(s) {sorted(names)}, got {len(given)} {sorted(given)}: "
-                             f"missing {sorted(set(names) - set(given))}, unexpected {sorted(set(given) - set(names))}")
-        signals = dict(x)
-    elif len(names) == 1:
-        signals = {names[0]: x}
-    else:
-        raise ValueError(f"expected {len(names)} signals {sorted(names)} as a {{name: [N, D_k]}} dict, "
-                         f"got a single {type(x).__name__}")
+    signals = as_signals(x, names)
     out = {}
     for name in names:
         out[name] = check_embeddings(signals[name], dim=None if dims is None else dims[name], what=f"signal {name!r}")
@@ -187,6 +190,8 @@ class VectorCodebook(nn.Module):
         commitment: weight of the commitment term.
         kmeans_iter: Lloyd iterations of the initialisation.
     """
+
+    usage: Tensor
 
     def __init__(self, size: int, dim: int, metric: str, commitment: float, kmeans_iter: int = 20) -> None:
         super().__init__()
@@ -319,12 +324,28 @@ def batches(num_rows: int, batch_size: int) -> list[slice]:
     return chunks
 
 
+@dataclass(kw_only=True, eq=False)
 class NeuralQuantizer(Quantizer):
     """A :class:`Quantizer` trained as an autoencoder (see the module docstring for the loop).
 
     ``fit(x)`` / ``encode(x)`` take ``{name: [N, D_k]}`` (or ``[N, D]`` with one signal); ``decode(codes)`` returns
-    ``[N, D]`` with one signal, ``{name: [N, D_k]}`` with several. Subclasses build the model
-    (:meth:`_build_model`) and give ``cardinalities``.
+    ``[N, sum_k D_k]``, the signals' reconstructions concatenated in :attr:`signal_names` order (one signal: its
+    ``[N, D]``), and ``decode_signals(codes)`` the same per signal, ``{name: [N, D_k]}``. Subclasses declare their
+    own settings, build the model (:meth:`_build_model`) and give ``cardinalities``.
+
+    Settings (shared by every neural quantizer; the subclasses' ``Args`` list their own):
+        signals: ``{name: loss}`` (``cosine``, ``mse`` or ``bce``) for several named signals; None: one embedding
+            with cosine loss.
+        hidden_dim: width of the hidden layers.
+        max_epochs: training epochs, at most.
+        batch_size: rows per Adam step.
+        lr: Adam learning rate (> 0).
+        patience: stop after this many epochs without a relative improvement of ``tol`` in validation loss.
+        tol: the relative improvement that counts.
+        valid_frac: fraction of the items held out (seeded) for validation and early stopping, in (0, 1).
+        init_rows: training rows of the codebooks' k-means initialisation, at most.
+        chunk_size: rows per forward pass in ``encode`` / ``decode`` / validation.
+        seed: seed of the split, the shuffling, the initialisation and the parameters.
 
     Fitted state: ``model_`` (its state dict is what :meth:`save` writes, with the signal widths), ``signal_dims_``
     and ``history_``: one entry per epoch with ``epoch``, ``train_loss``, ``train_recon``, ``train_<part>``,
@@ -332,36 +353,30 @@ class NeuralQuantizer(Quantizer):
     codes used in the epoch's training batches), ``utilization_per_level`` and ``reseeded`` (dead codes moved).
     """
 
-    _state_names = ("model_",)
-    model_: QuantizedAutoencoder
-    signal_dims_: dict[str, int]
-
-    def __init__(self, signals: dict[str, str] | None, max_epochs: int, batch_size: int, lr: float, patience: int,
-                 tol: float, valid_frac: float, init_rows: int, chunk_size: int, seed: int) -> None:
-        if signals is not None:
-            check_signal_spec(signals)
-        for name, value, low in (("max_epochs", max_epochs, 1), ("batch_size", batch_size, 1), ("lr", lr, 0.0),
-                                 ("patience", patience, 1), ("tol", tol, 0.0), ("init_rows", init_rows, 1),
-                                 ("chunk_size", chunk_size, 1)):
-            check_setting(name, value, low)
-        if not 0.0 < valid_frac < 1.0:
-            raise ValueError(f"valid_frac must be in (0, 1), got {valid_frac}")
-        self.signals = signals
-        self.max_epochs = max_epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.patience = patience
-        self.tol = tol
-        self.valid_frac = valid_frac
-        self.init_rows = init_rows
-        self.chunk_size = chunk_size
-        self.seed = seed
+    _state_names: ClassVar[tuple[str, ...]] = ("model_",)
+    signals: dict[str, str] | None = setting(None, check_signal_spec)
+    hidden_dim: int = setting(256, integer(1))
+    max_epochs: int = setting(100, integer(1))
+    batch_size: int = setting(256, integer(1))
+    lr: float = setting(1e-3, real(0.0, open_low=True))
+    patience: int = setting(10, integer(1))
+    tol: float = setting(1e-3, real(0.0))
+    valid_frac: float = setting(0.1, real(0.0, 1.0, open_low=True, open_high=True))
+    init_rows: int = setting(4096, integer(1))
+    chunk_size: int = setting(4096, integer(1))
+    seed: int = setting(0, integer())
+    model_: QuantizedAutoencoder = field(init=False, repr=False)
+    signal_dims_: dict[str, int] = field(init=False, repr=False)
 
     @property
     def signal_losses(self) -> dict[str, str]:
         """``{name: loss}`` of the signals in name order, the order of every per-signal layer and token
         (``{"x": "cosine"}`` when ``signals`` is None)."""
         return dict(sorted((SINGLE_SIGNAL if self.signals is None else self.signals).items()))
+
+    @property
+    def signal_names(self) -> list[str]:
+        return list(self.signal_losses)
 
     @abstractmethod
     def _build_model(self, dims: dict[str, int]) -> QuantizedAutoencoder:
@@ -374,12 +389,12 @@ class NeuralQuantizer(Quantizer):
 
     # ---------------------------------------------------------------------------------------------------- fit
 
-    def fit(self, x: Tensor | Mapping[str, Tensor], *, progress: bool = False,
-            writer: SummaryWriter | None = None) -> NeuralQuantizer:
+    def fit(self, x: QuantizerInput, *, progress: bool = False, writer: SummaryWriter | None = None) -> Self:
         """Trains on ``x`` (``{name: [N, D_k]}``, or ``[N, D]`` with one signal) on one process.
 
         ``writer`` gets every numeric history entry as ``<name>/<key>`` per epoch; ``progress`` shows a bar.
         """
+        self.check_params()
         refuse_distributed(self.name)
         signals = check_signals(x, self.signal_losses)
         dims = {name: s.shape[1] for name, s in signals.items()}
@@ -452,38 +467,45 @@ class NeuralQuantizer(Quantizer):
 
     # ------------------------------------------------------------------------------------------ encode / decode
 
-    def _check_inputs(self, x: Tensor | Mapping[str, Tensor]) -> Signals:
+    def _check_inputs(self, x: QuantizerInput) -> Signals:
         self._check_fitted()
         return check_signals(x, self.signal_losses, self.signal_dims_)
 
-    def _chunked(self, fn: Callable[[Signals], Tensor | Signals], signals: Signals) -> Tensor | Signals:
-        """``fn`` over chunks of ``chunk_size`` rows, concatenated (tensors, or dicts of tensors by key)."""
-        num_rows = len(next(iter(signals.values())))
-        parts = [fn(take_rows(signals, rows)) for rows in row_chunks(num_rows, self.chunk_size)]
-        if isinstance(parts[0], Tensor):
-            return torch.cat(parts)
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-    @staticmethod
-    def _unwrap(out: Signals) -> Tensor | Signals:
-        """One signal: its tensor; several: the dict."""
-        return next(iter(out.values())) if len(out) == 1 else out
-
-    @torch.no_grad()
-    def encode(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
-        """``{name: [N, D_k]}`` (or ``[N, D]``) -> ``codes: LongTensor[N, levels]``, in chunks of ``chunk_size``."""
-        signals = self._check_inputs(x)
-        return self._chunked(self.model_.encode, signals)
-
-    @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor | Signals:
-        """Full ``codes: [N, levels]`` -> ``[N, D]`` (one signal) or ``{name: [N, D_k]}`` (several)."""
+    def _check_full_codes(self, codes: Tensor) -> Tensor:
         self._check_fitted()
         codes = check_codes(codes, self.cardinalities)
         if codes.shape[1] != len(self.cardinalities):
             raise ValueError(f"{self.name} decodes full codes of {len(self.cardinalities)} levels, "
                              f"got {codes.shape[1]}")
-        return self._unwrap(self._chunked(lambda c: self.model_.decode(c["codes"]), {"codes": codes}))
+        return codes
+
+    def _in_chunks(self, fn: Callable[[Signals], Tensor], signals: Signals) -> Tensor:
+        """``fn`` over chunks of ``chunk_size`` rows, concatenated."""
+        num_rows = len(next(iter(signals.values())))
+        return torch.cat([fn(take_rows(signals, rows)) for rows in row_chunks(num_rows, self.chunk_size)])
+
+    def _signals_in_chunks(self, fn: Callable[[Signals], Signals], signals: Signals) -> Signals:
+        """``fn`` (returning ``{name: [B, D_k]}``) over chunks of ``chunk_size`` rows, concatenated per signal."""
+        num_rows = len(next(iter(signals.values())))
+        parts = [fn(take_rows(signals, rows)) for rows in row_chunks(num_rows, self.chunk_size)]
+        return {name: torch.cat([p[name] for p in parts]) for name in self.signal_names}
+
+    @torch.no_grad()
+    def encode(self, x: QuantizerInput) -> Tensor:
+        """``{name: [N, D_k]}`` (or ``[N, D]``) -> ``codes: LongTensor[N, levels]``, in chunks of ``chunk_size``."""
+        signals = self._check_inputs(x)  # first: NotFittedError before model_ is read
+        return self._in_chunks(self.model_.encode, signals)
+
+    @torch.no_grad()
+    def decode_signals(self, codes: Tensor) -> Signals:
+        """Full ``codes: [N, levels]`` -> reconstructions ``{name: [N, D_k]}`` in input space."""
+        codes = self._check_full_codes(codes)
+        return self._signals_in_chunks(lambda c: self.model_.decode(c["codes"]), {"codes": codes})
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Full ``codes: [N, levels]`` -> ``[N, sum_k D_k]``: :meth:`decode_signals` concatenated in
+        :attr:`signal_names` order (one signal: its ``[N, D]``)."""
+        return torch.cat(list(self.decode_signals(codes).values()), dim=1)
 
     # ---------------------------------------------------------------------------------------------------- files
 

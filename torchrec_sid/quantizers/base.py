@@ -1,21 +1,39 @@
 """The Quantizer API, its registry and the residual-quantizer skeleton.
 
-A quantizer turns item content embeddings ``x: [N, D]`` into semantic IDs ``codes: LongTensor[N, levels]``:
-``fit(x) -> self``, ``encode(x) -> codes``, ``decode(codes) -> x_hat: [N, D]``, ``save(path)``, ``load(path)``.
-The constructor only stores settings; learned state ends with ``_``. Quantizers register under a name
-(:data:`QUANTIZERS`), so ``build_quantizer("rq_gmm", levels=3)`` and ``Quantizer.load(path)`` find the class.
+A quantizer turns item content embeddings into semantic IDs ``codes: LongTensor[N, levels]``. Its contract (the
+same for every registered quantizer, checked by ``tests/test_quantizer_contract.py``):
 
-A fitted quantizer is saved as one artifact file (:func:`torchrec_sid.io.save_artifact`), and
-:meth:`Quantizer.semantic_ids` gives the :class:`~torchrec_sid.sid.SemanticIds` table of a catalogue.
+* **Settings.** A quantizer is a dataclass of keyword-only settings (positional only where a class says so). The
+  constructor stores them as given and checks nothing; :meth:`Quantizer.get_params` returns them,
+  :meth:`Quantizer.set_params` changes them (unknown names raise), :meth:`Quantizer.clone` is an unfitted copy.
+  Each setting declares its allowed values (:func:`setting`); :meth:`Quantizer.check_params` checks them (ValueError
+  naming the setting, the value and the allowed range) and ``fit`` calls it first.
+* **Inputs.** ``fit(x)`` / ``encode(x)`` take the signals ``{name: [N, D_k]}`` named by
+  :attr:`Quantizer.signal_names`, or a bare ``[N, D]`` tensor when there is one signal (:func:`as_signals`, the one
+  place that converts). Residual quantizers read one signal, ``"x"``.
+* **Outputs.** ``fit(x) -> self``; ``encode(x) -> LongTensor[N, levels]`` with ``codes[:, l]`` in
+  ``[0, cardinalities[l])``; ``decode(codes) -> Tensor[N, D]``, the reconstruction of the signals concatenated in
+  :attr:`Quantizer.signal_names` order (``D = sum_k D_k``; one signal: its ``[N, D]``);
+  ``decode_signals(codes) -> {name: [N, D_k]}``, the same reconstruction per signal.
+* **State.** Learned state ends with ``_``; ``encode`` / ``decode`` / ``save`` of an unfitted quantizer raise
+  :class:`NotFittedError`. ``save(path)`` writes one artifact file (:func:`torchrec_sid.io.save_artifact`: the
+  settings as JSON, the fitted tensors, the history) and ``Quantizer.load(path)`` reads it back.
+
+Quantizers register under a name (:data:`QUANTIZERS`), so ``build_quantizer("rq_gmm", levels=3)`` and
+``Quantizer.load(path)`` find the class; :meth:`Quantizer.semantic_ids` gives the
+:class:`~torchrec_sid.sid.SemanticIds` table of a catalogue.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
+import dataclasses
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import torch
 from torch import Tensor
@@ -32,6 +50,15 @@ if TYPE_CHECKING:
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 Q = TypeVar("Q", bound="Quantizer")
 Record = Callable[[dict[str, Any]], None]  # receives one history entry per fit iteration
+QuantizerInput = Tensor | Mapping[str, Tensor]  # {name: [N, D_k]}, or [N, D] for a one-signal quantizer
+Check = Callable[[str, Any], None]  # (setting name, value) -> None, or ValueError naming both and the allowed range
+
+__all__ = ["QUANTIZERS", "NotFittedError", "Quantizer", "QuantizerInput", "ResidualQuantizer", "as_signals",
+           "build_quantizer", "check_codes", "check_embeddings", "register", "setting"]
+
+
+class NotFittedError(RuntimeError):
+    """``encode`` / ``decode`` / ``save`` of a quantizer that was neither fitted nor loaded."""
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -54,12 +81,19 @@ def check_embeddings(x: Tensor, *, dim: int | None = None, what: str = "x") -> T
     return x.float()
 
 
-
-
-def check_setting(name: str, value: float, low: float) -> None:
-    """Raises ValueError naming the setting when ``value < low``."""
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+def as_signals(x: QuantizerInput, names: list[str]) -> dict[str, Tensor]:
+    """The input of ``fit`` / ``encode`` as ``{name: tensor}`` for the signals ``names``: a mapping must have exactly
+    these names; a bare tensor is the one signal of a one-signal quantizer. Shapes are checked by the caller."""
+    if isinstance(x, Mapping):
+        given = list(x)
+        if set(given) != set(names):
+            raise ValueError(f"expected {len(names)} signal(s) {sorted(names)}, got {len(given)} {sorted(given)}: "
+                             f"missing {sorted(set(names) - set(given))}, unexpected {sorted(set(given) - set(names))}")
+        return {name: x[name] for name in names}
+    if len(names) == 1:
+        return {names[0]: x}
+    raise ValueError(f"expected {len(names)} signals {sorted(names)} as a {{name: [N, D_k]}} dict, "
+                     f"got a single {type(x).__name__}")
 
 
 def row_chunks(num_rows: int, chunk_size: int) -> Iterator[slice]:
@@ -68,54 +102,169 @@ def row_chunks(num_rows: int, chunk_size: int) -> Iterator[slice]:
         yield slice(start, min(start + chunk_size, num_rows))
 
 
+# -------------------------------------------------------------------------------------------------- settings
+
+
+def setting(default: Any = dataclasses.MISSING, check: Check | None = None, *,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A quantizer setting: a dataclass field with its default (``factory`` for a list) and the ``check`` that
+    :meth:`Quantizer.check_params` runs on its value."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+def _interval(low: float | None, high: float | None, open_low: bool, open_high: bool) -> str:
+    if high is None:
+        return f"{'>' if open_low else '>='} {low}"
+    if low is None:
+        return f"{'<' if open_high else '<='} {high}"
+    return f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+def integer(low: int | None = None) -> Check:
+    """An integer (not a bool) ``>= low``."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
+            raise ValueError(f"{name} must be an integer{'' if low is None else ' >= ' + str(low)}, got {value!r}")
+
+    return check
+
+
+def real(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+         open_high: bool = False) -> Check:
+    """A real number (int or float, not a bool, not NaN) in the interval ``low..high`` (closed unless ``open_*``)."""
+    allowed = _interval(low, high, open_low, open_high)
+
+    def check(name: str, value: Any) -> None:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+        if ok and low is not None:
+            ok = value > low if open_low else value >= low
+        if ok and high is not None:
+            ok = value < high if open_high else value <= high
+        if not ok:
+            raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+
+    return check
+
+
+def one_of(*choices: Any) -> Check:
+    """One of ``choices``."""
+
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+    return check
+
+
 # -------------------------------------------------------------------------------------------------- quantizer
 
 
 class Quantizer(ABC):
-    """Embeddings ``x: [N, D]`` -> semantic IDs ``codes: LongTensor[N, levels]`` and back.
+    """Item signals -> semantic IDs ``codes: LongTensor[N, levels]`` and back (the contract: module docstring).
 
-    Subclasses store their constructor arguments under the same names (that is :meth:`config`) and list their
-    fitted tensors in ``_state_names`` (names ending in ``_``); ``history_`` holds one dict per fit iteration.
+    Subclasses are ``@dataclass(kw_only=True, eq=False)`` classes whose fields are their settings
+    (:func:`setting`), list their fitted tensors in ``_state_names`` (names ending in ``_``, declared with
+    ``field(init=False)``) and are registered with :func:`register`; ``history_`` holds one dict per fit iteration.
     """
 
     name: ClassVar[str]
     _state_names: ClassVar[tuple[str, ...]]
     history_: list[dict[str, Any]]
 
-    @abstractmethod
-    def fit(self: Q, x: Tensor, *, progress: bool = False, writer: SummaryWriter | None = None) -> Q:
-        """Learns the codebooks from ``x: [N, D]`` (this rank's shard when torch.distributed is initialised)."""
+    # -------------------------------------------------------------------------------------------- settings
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The settings, in constructor order."""
+        return [f.name for f in fields(cls) if f.init]  # type: ignore[arg-type]
+
+    def get_params(self) -> dict[str, Any]:
+        """The settings as given to the constructor (or :meth:`set_params`): ``type(q)(**q.get_params())`` builds
+        an unfitted copy."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def set_params(self, **params: Any) -> Self:
+        """Changes settings by name (ValueError for an unknown name); they take effect at the next ``fit``."""
+        _refuse_unknown(type(self), params)
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def clone(self) -> Self:
+        """An unfitted copy with equal (deep-copied) settings."""
+        return type(self)(**copy.deepcopy(self.get_params()))
+
+    def check_params(self) -> None:
+        """Checks every setting (ValueError naming the setting, its value and the allowed values); ``fit`` calls it
+        first."""
+        for f in fields(self):  # type: ignore[arg-type]
+            check = f.metadata.get("check")
+            if f.init and check is not None:
+                check(f.name, getattr(self, f.name))
+        self._check_param_relations()
+
+    def _check_param_relations(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Checks that involve several settings (after each setting's own check)."""
+
+    # ------------------------------------------------------------------------------------------------- API
 
     @abstractmethod
-    def encode(self, x: Tensor) -> Tensor:
-        """``x: [N, D]`` -> ``codes: LongTensor[N, levels]``."""
+    def fit(self, x: QuantizerInput, *, progress: bool = False, writer: SummaryWriter | None = None) -> Self:
+        """Learns the codebooks from ``x`` (:attr:`signal_names`; this rank's shard under torch.distributed)."""
+
+    @abstractmethod
+    def encode(self, x: QuantizerInput) -> Tensor:
+        """``x`` (``{name: [N, D_k]}`` or ``[N, D]``) -> ``codes: LongTensor[N, levels]``."""
 
     @abstractmethod
     def decode(self, codes: Tensor) -> Tensor:
-        """``codes: [N, levels]`` -> reconstruction ``[N, D]``."""
+        """``codes: [N, levels]`` -> reconstruction ``[N, D]`` (several signals: concatenated in
+        :attr:`signal_names` order)."""
+
+    def decode_signals(self, codes: Tensor) -> dict[str, Tensor]:
+        """``codes: [N, levels]`` -> reconstruction per signal ``{name: [N, D_k]}`` (default, one signal:
+        ``{signal_names[0]: decode(codes)}``)."""
+        return {self.signal_names[0]: self.decode(codes)}
 
     @property
     @abstractmethod
     def cardinalities(self) -> list[int]:
         """Number of distinct codes per level."""
 
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments: ``type(self)(**q.config())`` builds an unfitted copy."""
-        params = inspect.signature(type(self).__init__).parameters
-        return {p: getattr(self, p) for p in params if p != "self"}
+    @property
+    def signal_names(self) -> list[str]:
+        """The names of the input signals, in the order of every per-signal layer and of :meth:`decode`'s columns
+        (default: one signal, ``"x"``)."""
+        return ["x"]
+
+    @property
+    def digit_centres(self) -> list[float] | None:
+        """Per level, the centre of an ordinal digit (see :class:`SemanticIds`); None: the codes are categorical
+        (the default)."""
+        return None
+
+    def semantic_ids(self, x: QuantizerInput, metrics: dict[str, Any] | None = None) -> SemanticIds:
+        """The :class:`~torchrec_sid.sid.SemanticIds` of the items ``x`` (row i = item i)."""
+        return SemanticIds(self.encode(x), self.cardinalities, self.name, self.get_params(), dict(metrics or {}),
+                           digit_centres=self.digit_centres)
+
+    # ----------------------------------------------------------------------------------------------- files
 
     def _check_fitted(self) -> None:
         if not all(hasattr(self, s) for s in self._state_names):
-            raise RuntimeError(f"{self.name} quantizer is not fitted: call fit() or load() first")
+            raise NotFittedError(f"{self.name} quantizer is not fitted: call fit() or load() first")
 
     def save(self, path: str | Path) -> Path:
-        """Writes the fitted parameters, config and history to one safetensors file."""
+        """Writes the fitted parameters, the settings (``"config"``) and the history to one safetensors file."""
         self._check_fitted()
-        meta = {"name": self.name, "config": self.config(), "history": self.history_}
+        meta = {"name": self.name, "config": self.get_params(), "history": self.history_}
         return save_artifact(path, "quantizer", self._state_tensors(), meta)
 
     @classmethod
-    def load(cls: type[Q], path: str | Path) -> Q:
+    def load(cls, path: str | Path) -> Self:
         """Reads a :meth:`save` file; ``Quantizer.load`` returns whichever registered quantizer it holds."""
         tensors, meta = load_artifact(path, "quantizer")
         quantizer_cls = QUANTIZERS.get(meta["name"])
@@ -135,24 +284,24 @@ class Quantizer(ABC):
         for s in self._state_names:
             setattr(self, s, tensors[s.rstrip("_")])
 
-    def semantic_ids(self, x: Tensor, metrics: dict[str, Any] | None = None) -> SemanticIds:
-        """The :class:`~torchrec_sid.sid.SemanticIds` of the items ``x: [N, D]`` (row i = item i)."""
-        return SemanticIds(self.encode(x), self.cardinalities, self.name, self.config(), dict(metrics or {}),
-                           digit_centres=self.digit_centres)
 
-    @property
-    def digit_centres(self) -> list[float] | None:
-        """Per level, the centre of an ordinal digit (see :class:`SemanticIds`); None: the codes are categorical
-        (the default)."""
-        return None
+def _refuse_unknown(cls: type[Quantizer], params: Mapping[str, Any]) -> None:
+    known = cls.param_names()
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} for quantizer {getattr(cls, 'name', cls.__name__)!r}; "
+                         f"it takes {known}")
 
 
 def register(name: str) -> Callable[[type[Q]], type[Q]]:
-    """Class decorator: registers a :class:`Quantizer` under ``name`` (its ``name`` attribute)."""
+    """Class decorator: registers a :class:`Quantizer` dataclass under ``name`` (its ``name`` attribute)."""
 
     def decorate(cls: type[Q]) -> type[Q]:
         if name in QUANTIZERS:
             raise ValueError(f"quantizer name {name!r} is already registered to {QUANTIZERS[name].__name__}")
+        if "__dataclass_fields__" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must be decorated with @dataclass(kw_only=True, eq=False) (below "
+                            f"@register) so that its settings are its fields")
         cls.name = name
         QUANTIZERS[name] = cls
         return cls
@@ -160,42 +309,46 @@ def register(name: str) -> Callable[[type[Q]], type[Q]]:
     return decorate
 
 
-def build_quantizer(name: str, **config: Any) -> Quantizer:
-    """An unfitted quantizer by registry name, e.g. ``build_quantizer("rq_gmm", levels=3, codebook_size=256)``."""
+def build_quantizer(name: str, **params: Any) -> Quantizer:
+    """An unfitted quantizer by registry name, e.g. ``build_quantizer("rq_gmm", levels=3, codebook_size=256)``;
+    ValueError for an unknown name or setting (values are checked by ``fit`` / :meth:`Quantizer.check_params`)."""
     if name not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {name!r}; registered: {sorted(QUANTIZERS)}")
-    cls = QUANTIZERS[name]
-    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(config) - set(params))
-    if unknown:
-        raise ValueError(f"unknown settings {unknown} for quantizer {name!r}; it takes {params}")
-    return cls(**config)
+    _refuse_unknown(QUANTIZERS[name], params)
+    return QUANTIZERS[name](**params)
 
 
+@dataclass(kw_only=True, eq=False)
 class ResidualQuantizer(Quantizer):
     """Residual quantization: level ``l`` picks a row of codebook ``l`` for the residual left by levels ``< l``.
 
     ``decode(codes) = sum_l codebooks_[l, codes[:, l]]``. Subclasses fit one level (:meth:`_fit_level`) and
-    assign residuals to codes (:meth:`_assign`); fitting, encoding and decoding are shared.
+    assign residuals to codes (:meth:`_assign`); fitting, encoding and decoding are shared. One input signal,
+    ``x: [N, D]`` (or ``{"x": [N, D]}``).
+
+    Settings (shared):
+        levels: L, number of code levels.
+        codebook_size: K, codewords per level.
+        chunk_size: rows per distance matmul (memory ``O(chunk_size * K)``).
+        seed: seed of the sampling and the initialisation draws.
 
     Fitted state: ``codebooks_: [levels, K, D]`` and ``history_``.
     """
 
-    _state_names = ("codebooks_",)
-    codebooks_: Tensor
-
-    def __init__(self, levels: int, codebook_size: int, chunk_size: int, seed: int) -> None:
-        check_setting("levels", levels, 1)
-        check_setting("codebook_size", codebook_size, 1)
-        check_setting("chunk_size", chunk_size, 1)
-        self.levels = levels
-        self.codebook_size = codebook_size
-        self.chunk_size = chunk_size
-        self.seed = seed
+    _state_names: ClassVar[tuple[str, ...]] = ("codebooks_",)
+    levels: int = setting(3, integer(1))
+    codebook_size: int = setting(256, integer(1))
+    chunk_size: int = setting(4096, integer(1))
+    seed: int = setting(0, integer())
+    codebooks_: Tensor = field(init=False, repr=False)
 
     @property
     def cardinalities(self) -> list[int]:
         return [self.codebook_size] * self.levels
+
+    def _embeddings(self, x: QuantizerInput, dim: int | None = None) -> Tensor:
+        """The one signal of ``x`` as a checked float32 ``[N, D]`` tensor."""
+        return check_embeddings(as_signals(x, self.signal_names)["x"], dim=dim)
 
     def _init_state(self, dim: int) -> None:
         """Allocates the fitted tensors for embeddings of dimension ``dim``."""
@@ -223,19 +376,20 @@ class ResidualQuantizer(Quantizer):
             residual -= self.codebooks_[level, codes[:, level]]
         return codes
 
-    def fit(self, x: Tensor, *, progress: bool = False, writer: SummaryWriter | None = None) -> ResidualQuantizer:
+    def fit(self, x: QuantizerInput, *, progress: bool = False, writer: SummaryWriter | None = None) -> Self:
         """Fits level after level on successive residuals of ``x: [n, D]``.
 
         Under torch.distributed every rank calls ``fit`` with its own rows; statistics are all-reduced and the
         result is the same as one process fitting all rows. ``writer`` gets one scalar per metric and iteration
         (pass it on one rank only); ``progress`` shows a bar on rank 0.
         """
-        error = None
+        self.check_params()
         try:
-            x = check_embeddings(x)
-        except ValueError as e:
-            error = e
-        raise_on_any_rank(error)
+            x = self._embeddings(x)
+        except ValueError as error:
+            raise_on_any_rank(error)  # raises, on every rank
+            raise
+        raise_on_any_rank(None)  # raises when another rank's rows failed their checks
         layout = shard_layout(*x.shape)
         if layout.total_rows < self.codebook_size:
             raise ValueError(f"{self.name} needs at least codebook_size={self.codebook_size} items to fit, "
@@ -267,10 +421,10 @@ class ResidualQuantizer(Quantizer):
 
         return record
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: QuantizerInput) -> Tensor:
         """``x: [N, D]`` -> ``codes: LongTensor[N, levels]``, in chunks of ``chunk_size`` rows."""
         self._check_fitted()
-        x = check_embeddings(x, dim=self.codebooks_.shape[2])
+        x = self._embeddings(x, dim=self.codebooks_.shape[2])
         codes = torch.empty(len(x), self.levels, dtype=torch.long)
         for rows in row_chunks(len(x), self.chunk_size):
             codes[rows] = self._descend_(x[rows].clone(), self.levels)

@@ -24,12 +24,14 @@ digits first), so a prefix of ``groups * l`` digits is the coarse code of the fi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchrec_sid.quantizers.autoencoder import Bottleneck, Quantized, straight_through, vq_loss
-from torchrec_sid.quantizers.base import check_setting, register
+from torchrec_sid.quantizers.base import integer, real, register, setting
 from torchrec_sid.quantizers.fusion import FusionQuantizer
 
 TERNARY_SCALE = 1.224  # Lloyd-Max 3-level quantizer of N(0, 1): levels 0, +-1.224; thresholds +-0.612
@@ -79,9 +81,11 @@ class DPCABottleneck(Bottleneck):
     @torch.no_grad()
     def initialise(self, z: Tensor, generator: torch.Generator) -> None:
         """Level by level and group by group: offset = mean, direction = scaled top principal direction."""
-        self.norm.running_mean.copy_(z.mean(0))
-        self.norm.running_var.copy_(z.var(0))
-        residual = F.batch_norm(z, self.norm.running_mean, self.norm.running_var).view(len(z), self.groups, -1)
+        mean, var = self.norm.running_mean, self.norm.running_var
+        assert mean is not None and var is not None  # BatchNorm1d tracks running statistics by default
+        mean.copy_(z.mean(0))
+        var.copy_(z.var(0))
+        residual = F.batch_norm(z, mean, var).view(len(z), self.groups, -1)
         for level in range(self.depth):
             mean = residual.mean(0)  # [G, group_dim]
             centred = residual - mean
@@ -94,6 +98,7 @@ class DPCABottleneck(Bottleneck):
 
 
 @register("dpca")
+@dataclass(kw_only=True, eq=False)
 class DPCA(FusionQuantizer):
     """Discrete-PCA: MLP encoder, ternary residual quantization in product groups, MLP decoder.
 
@@ -102,8 +107,8 @@ class DPCA(FusionQuantizer):
         depth: residual levels per group (serial); ``groups * depth`` ternary digits, ``log2(3)`` bits each.
         latent_dim: width of the quantized latent, a multiple of ``groups``.
         commitment: weight of the commitment loss (0: none; see the module docstring).
-        signals, signal_weights, hidden_dim, max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows,
-            chunk_size, seed: as in :class:`~torchrec_sid.quantizers.fusion.FusionQuantizer`.
+        signals, signal_weights, hidden_dim and the training settings (max_epochs, batch_size, lr, patience, tol,
+            valid_frac, init_rows, chunk_size, seed): as in :class:`~torchrec_sid.quantizers.fusion.FusionQuantizer`.
 
     Codes: ``[N, depth * groups]`` in {0, 1, 2} (ternary weight + 1, level-major); :attr:`digit_centres` = 1.
 
@@ -115,22 +120,15 @@ class DPCA(FusionQuantizer):
         sid = pack_codes(codes, q.cardinalities)  # [1000]: sum_k 3^(k-1) (1 + s_k) (torchrec_sid.sid)
     """
 
-    def __init__(self, groups: int = 3, depth: int = 5, latent_dim: int = 48, commitment: float = 0.0,
-                 signals: dict[str, str] | None = None, signal_weights: dict[str, float] | None = None,
-                 hidden_dim: int = 256, max_epochs: int = 100, batch_size: int = 256, lr: float = 1e-3,
-                 patience: int = 10, tol: float = 1e-3, valid_frac: float = 0.1, init_rows: int = 4096,
-                 chunk_size: int = 4096, seed: int = 0) -> None:
-        super().__init__(signals, signal_weights, hidden_dim, max_epochs, batch_size, lr, patience, tol, valid_frac,
-                         init_rows, chunk_size, seed)
-        for name, value in (("groups", groups), ("depth", depth), ("latent_dim", latent_dim)):
-            check_setting(name, value, 1)
-        check_setting("commitment", commitment, 0.0)
-        if latent_dim % groups:
-            raise ValueError(f"latent_dim={latent_dim} must be a multiple of groups={groups}")
-        self.groups = groups
-        self.depth = depth
-        self.latent_dim = latent_dim
-        self.commitment = commitment
+    groups: int = setting(3, integer(1))
+    depth: int = setting(5, integer(1))
+    latent_dim: int = setting(48, integer(1))
+    commitment: float = setting(0.0, real(0.0))
+
+    def _check_param_relations(self) -> None:
+        super()._check_param_relations()
+        if self.latent_dim % self.groups:
+            raise ValueError(f"latent_dim={self.latent_dim} must be a multiple of groups={self.groups}")
 
     @property
     def cardinalities(self) -> list[int]:

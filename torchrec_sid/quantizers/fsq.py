@@ -11,36 +11,37 @@ The code of an item is its digit vector: ordinal digits with centres ``m_j``, wh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchrec_sid.quantizers.autoencoder import Bottleneck, Quantized, straight_through
-from torchrec_sid.quantizers.base import register
+from torchrec_sid.quantizers.base import register, setting
 from torchrec_sid.quantizers.fusion import FusionQuantizer
 
 
-def check_levels(levels: Sequence[int]) -> list[int]:
-    """``levels`` as a list; ValueError when not a list, empty, or when a level count is below 2."""
-    if not isinstance(levels, Sequence):
-        raise ValueError(f"levels must list each latent dimension's number of levels, e.g. [8, 8, 8, 5, 5, 5], "
-                         f"got {levels!r}")
-    levels = list(levels)
-    if not levels:
-        raise ValueError("levels must list at least one dimension's level count, got []")
+def check_levels(name: str, levels: Any) -> None:
+    """The check of FSQ's ``levels``: a non-empty list (or tuple) of integer level counts, each >= 2."""
+    if not isinstance(levels, Sequence) or isinstance(levels, str) or not levels:
+        raise ValueError(f"{name} must list each latent dimension's number of levels (integers >= 2), e.g. "
+                         f"[8, 8, 8, 5, 5, 5], got {levels!r}")
     for j, count in enumerate(levels):
-        if not isinstance(count, int) or count < 2:
-            raise ValueError(f"levels[{j}] = {count!r}: every dimension needs an integer number of levels >= 2")
-    return levels
+        if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+            raise ValueError(f"{name}[{j}] = {count!r}: every dimension needs an integer number of levels >= 2")
 
 
 class FSQBottleneck(Bottleneck):
     """Rounds ``z: [B, len(levels)]`` to per-dimension digits; ``lookup`` maps digits to values in [-1, 1]."""
 
+    centre: Tensor  # [n], (L_j - 1) / 2
+
     def __init__(self, levels: Sequence[int]) -> None:
         super().__init__()
         self.latent_dim = len(levels)
-        self.register_buffer("centre", (torch.tensor(check_levels(levels), dtype=torch.float32) - 1) / 2,
+        check_levels("levels", levels)
+        self.register_buffer("centre", (torch.tensor(list(levels), dtype=torch.float32) - 1) / 2,
                              persistent=False)
 
     def forward(self, z: Tensor) -> Quantized:
@@ -54,14 +55,15 @@ class FSQBottleneck(Bottleneck):
 
 
 @register("fsq")
+@dataclass(kw_only=True, eq=False)
 class FSQ(FusionQuantizer):
     """Finite scalar quantization: MLP encoder to ``len(levels)`` bounded dimensions, rounding, MLP decoder.
 
     Args:
         levels: number of levels per latent dimension, e.g. ``[8, 8, 8, 5, 5, 5]`` or ``[3] * 15`` (ternary);
             ``sum_j log2 L_j`` bits.
-        signals, signal_weights, hidden_dim, max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows,
-            chunk_size, seed: as in :class:`~torchrec_sid.quantizers.fusion.FusionQuantizer`.
+        signals, signal_weights, hidden_dim and the training settings (max_epochs, batch_size, lr, patience, tol,
+            valid_frac, init_rows, chunk_size, seed): as in :class:`~torchrec_sid.quantizers.fusion.FusionQuantizer`.
 
     Codes: ``[N, len(levels)]``, digit ``j`` in ``[0, levels[j])``; :attr:`digit_centres` = ``(L_j - 1) / 2``.
 
@@ -73,13 +75,7 @@ class FSQ(FusionQuantizer):
         packed = pack_codes(codes, q.cardinalities)  # [1000], one integer per item (torchrec_sid.sid)
     """
 
-    def __init__(self, levels: Sequence[int] = (8, 8, 8, 5, 5, 5), signals: dict[str, str] | None = None,
-                 signal_weights: dict[str, float] | None = None, hidden_dim: int = 256, max_epochs: int = 100,
-                 batch_size: int = 256, lr: float = 1e-3, patience: int = 10, tol: float = 1e-3,
-                 valid_frac: float = 0.1, init_rows: int = 4096, chunk_size: int = 4096, seed: int = 0) -> None:
-        super().__init__(signals, signal_weights, hidden_dim, max_epochs, batch_size, lr, patience, tol, valid_frac,
-                         init_rows, chunk_size, seed)
-        self.levels = check_levels(levels)
+    levels: Sequence[int] = setting(check=check_levels, factory=lambda: [8, 8, 8, 5, 5, 5])
 
     @property
     def cardinalities(self) -> list[int]:

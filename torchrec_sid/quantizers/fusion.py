@@ -14,6 +14,9 @@ signal, the default) or VQ-fusion (``signals={"text": "cosine", "genres": "bce"}
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +31,7 @@ from torchrec_sid.quantizers.autoencoder import (
     signal_loss,
     signal_output,
 )
-from torchrec_sid.quantizers.base import check_setting
+from torchrec_sid.quantizers.base import setting
 
 
 class VQFusion(QuantizedAutoencoder):
@@ -75,7 +78,7 @@ class VQFusion(QuantizedAutoencoder):
         quantized = self.bottleneck(self.latent(signals))
         outputs = self._heads(quantized.z_q)
         losses = {name: signal_loss(self.losses[name], signals[name], out) for name, out in outputs.items()}
-        recon = sum(self.weights[name] * loss for name, loss in losses.items())
+        recon = sum((self.weights[name] * loss for name, loss in losses.items()), start=quantized.loss.new_zeros(()))
         parts = {**{f"loss_{name}": loss.detach() for name, loss in losses.items()}, "vq": quantized.loss.detach()}
         return Step(recon + quantized.loss, recon, quantized.codes, parts)
 
@@ -90,29 +93,33 @@ class VQFusion(QuantizedAutoencoder):
         self.bottleneck.initialise(self.latent(signals), generator)
 
 
+def check_signal_weights(name: str, weights: Any) -> None:
+    """The check of a ``signal_weights`` setting: None, or ``{signal name: weight >= 0}``."""
+    if weights is None:
+        return
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"{name} must be None or a {{signal name: weight >= 0}} dict, got {weights!r}")
+    for signal, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"{name}[{signal!r}] must be a number >= 0, got {weight!r}")
+
+
+@dataclass(kw_only=True, eq=False)
 class FusionQuantizer(NeuralQuantizer):
     """A neural quantizer whose model is :class:`VQFusion` around the subclass's bottleneck.
 
-    Args (shared by RQ-VAE, FSQ and DPCA):
-        signals: ``{name: loss}`` for VQ-fusion; None: one embedding with cosine loss (1:1).
+    Settings (shared by RQ-VAE, FSQ and DPCA, besides
+    :class:`~torchrec_sid.quantizers.autoencoder.NeuralQuantizer`'s):
         signal_weights: ``{name: w_k}``, loss weights (missing names: 1.0).
-        hidden_dim: width of the encoder / decoder hidden layers.
-        max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows, chunk_size, seed: training
-            (:class:`~torchrec_sid.quantizers.autoencoder.NeuralQuantizer`).
     """
 
-    def __init__(self, signals: dict[str, str] | None, signal_weights: dict[str, float] | None, hidden_dim: int,
-                 max_epochs: int, batch_size: int, lr: float, patience: int, tol: float, valid_frac: float,
-                 init_rows: int, chunk_size: int, seed: int) -> None:
-        super().__init__(signals, max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows, chunk_size, seed)
-        check_setting("hidden_dim", hidden_dim, 1)
-        unknown = sorted(set(signal_weights or {}) - set(self.signal_losses))
+    signal_weights: dict[str, float] | None = setting(None, check_signal_weights)
+
+    def _check_param_relations(self) -> None:
+        super()._check_param_relations()
+        unknown = sorted(set(self.signal_weights or {}) - set(self.signal_losses))
         if unknown:
             raise ValueError(f"signal_weights names {unknown}, which are not signals {sorted(self.signal_losses)}")
-        for name, weight in (signal_weights or {}).items():
-            check_setting(f"signal_weights[{name!r}]", weight, 0.0)
-        self.signal_weights = signal_weights
-        self.hidden_dim = hidden_dim
 
     @abstractmethod
     def _bottleneck(self) -> Bottleneck:

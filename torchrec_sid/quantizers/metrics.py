@@ -11,14 +11,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchrec_sid.quantizers.base import Quantizer, ResidualQuantizer, check_codes, check_embeddings, row_chunks
+from torchrec_sid.quantizers.base import (
+    Quantizer,
+    QuantizerInput,
+    ResidualQuantizer,
+    as_signals,
+    check_codes,
+    check_embeddings,
+    row_chunks,
+)
 from torchrec_sid.sid.codes import collision_rate
 
 
@@ -100,36 +108,36 @@ def recall_at_k(x: Tensor, x_hat: Tensor, ks: Sequence[int] = (20, 50, 100), *, 
     return {f"recall@{k}": r for k, r in zip(ks, recall.tolist(), strict=True)}
 
 
-def quality_report(quantizer: Quantizer, x: Tensor | Mapping[str, Tensor], *, codes: Tensor | None = None,
+def quality_report(quantizer: Quantizer, x: QuantizerInput, *, codes: Tensor | None = None,
                    ks: Sequence[int] = (20, 50, 100), num_queries: int | None = 1000, seed: int = 0) -> dict[str, Any]:
-    """Every metric above for a fitted ``quantizer`` on ``x: [N, D]`` (what :class:`SemanticIds` stores).
+    """Every metric above for a fitted ``quantizer`` on its input ``x`` (what :class:`SemanticIds` stores).
 
     ``codes: [N, levels]`` defaults to ``quantizer.encode(x)``; recall is reported for the ``ks`` below N (none
     when N <= 20). A residual quantizer also gets ``rmse_per_level`` (reconstruction from the first l levels).
-    Several signals ``{m: [N, D_m]}`` (a multi-signal quantizer) get ``rmse`` / ``cosine_loss`` per signal
-    (``{m: value}``) and recall on the concatenation of the L2-normalised signals.
+    A quantizer of several signals ``{m: [N, D_m]}`` gets ``rmse`` / ``cosine_loss`` per signal (``{m: value}``,
+    from :meth:`~Quantizer.decode_signals`) and recall on the concatenation of the L2-normalised signals.
     """
     codes = quantizer.encode(x) if codes is None else codes
-    x_hat = quantizer.decode(codes)
+    signals = {m: check_embeddings(v, what=m) for m, v in as_signals(x, quantizer.signal_names).items()}
     report: dict[str, Any] = {
+        "num_items": len(next(iter(signals.values()))),
         "utilization": utilization(codes, quantizer.cardinalities),
         "perplexity": perplexity(codes, quantizer.cardinalities),
         "collision_rate": collision_rate(codes),
     }
-    if isinstance(x, Mapping):
-        signals = {m: check_embeddings(v, what=m) for m, v in x.items()}
-        report.update(num_items=len(next(iter(signals.values()))),
-                      rmse={m: rmse(v, x_hat[m]) for m, v in signals.items()},
-                      cosine_loss={m: cosine_loss(v, x_hat[m]) for m, v in signals.items()})
-        x = torch.cat([F.normalize(v.float(), dim=1) for v in signals.values()], dim=1)
-        x_hat = torch.cat([F.normalize(x_hat[m].float(), dim=1) for m in signals], dim=1)
+    if len(signals) == 1:
+        x_all, x_hat = next(iter(signals.values())), quantizer.decode(codes)
+        report.update(rmse=rmse(x_all, x_hat), cosine_loss=cosine_loss(x_all, x_hat))
     else:
-        x = check_embeddings(x)
-        report.update(num_items=len(x), rmse=rmse(x, x_hat), cosine_loss=cosine_loss(x, x_hat))
+        decoded = quantizer.decode_signals(codes)
+        report.update(rmse={m: rmse(v, decoded[m]) for m, v in signals.items()},
+                      cosine_loss={m: cosine_loss(v, decoded[m]) for m, v in signals.items()})
+        x_all = torch.cat([F.normalize(v, dim=1) for v in signals.values()], dim=1)
+        x_hat = torch.cat([F.normalize(decoded[m].float(), dim=1) for m in signals], dim=1)
     if isinstance(quantizer, ResidualQuantizer):
-        report["rmse_per_level"] = [rmse(x, quantizer.decode(codes[:, : level + 1]))
+        report["rmse_per_level"] = [rmse(x_all, quantizer.decode(codes[:, : level + 1]))
                                     for level in range(codes.shape[1])]
-    ks = [k for k in ks if k < len(x)]
-    if ks and len(x) > 20:
-        report.update(recall_at_k(x, x_hat, ks, num_queries=num_queries, seed=seed))
+    ks = [k for k in ks if k < len(x_all)]
+    if ks and len(x_all) > 20:
+        report.update(recall_at_k(x_all, x_hat, ks, num_queries=num_queries, seed=seed))
     return report

@@ -18,18 +18,21 @@ Modalities ``{m: [B, D_m]}`` (the signals). Experts, each ``Linear(in, H) -> ReL
   an epoch are re-seeded. The validation criterion is ``alpha L_recon + beta L_aux``.
 
 Token order: the shared experts, then each modality's specific experts, modalities in name order.
-Gates are not part of the SID: :meth:`MMQ.decode` uses the training items' mean gate, :meth:`MMQ.reconstruct`
-an item's own gates. Stage 2 (behaviour-aware fine-tuning, :class:`~torchrec_sid.modules.SoftSidEmbedding`) trains
-``model_`` further inside a ranking model with soft indexing: :meth:`MMQTokenizer.similarities` gives, per expert,
-the cosine similarities to its codebook ``[B, E, K]`` (differentiable), and :func:`~torchrec_sid.modules.soft_sid.soft_one_hot` turns them into the
+Gates are not part of the SID: :meth:`MMQ.decode` uses the training items' mean gate,
+:meth:`MMQ.reconstruct_signals` an item's own gates. Stage 2 (behaviour-aware fine-tuning,
+:class:`~torchrec_sid.modules.SoftSidEmbedding`) trains ``model_`` further inside a ranking model with soft
+indexing: :meth:`MMQTokenizer.similarities` gives, per expert, the cosine similarities to its codebook
+``[B, E, K]`` (differentiable), and :func:`~torchrec_sid.modules.soft_sid.soft_one_hot` turns them into the
 straight-through one-hot ``softmax(p / tau) + sg(one_hot(argmax p) - softmax(p / tau))``, whose product with a
-downstream table is a row lookup in the forward pass; :meth:`MMQTokenizer.loss_terms` gives the reconstruction terms
-that keep the content in the tokens meanwhile.
+downstream table is a row lookup in the forward pass; :meth:`MMQTokenizer.loss_terms` gives the reconstruction
+terms that keep the content in the tokens meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +44,15 @@ from torchrec_sid.quantizers.autoencoder import (
     Signals,
     Step,
     VectorCodebook,
+    check_signal_spec,
     mlp,
     signal_loss,
     signal_output,
 )
-from torchrec_sid.quantizers.base import check_setting, register
+from torchrec_sid.quantizers.base import QuantizerInput, integer, real, register, setting
 
 
-def flat_weights(experts: Sequence[nn.Module]) -> Tensor:
+def flat_weights(experts: Iterable[nn.Module]) -> Tensor:
     """Each expert's Linear weights (biases excluded) flattened into one row: ``[E, P]``."""
     return torch.stack([torch.cat([m.weight.flatten() for m in expert.modules() if isinstance(m, nn.Linear)])
                         for expert in experts])
@@ -90,6 +94,8 @@ class MMQTokenizer(QuantizedAutoencoder):
         p = model.similarities({"text": torch.randn(8, 384), "meta": torch.rand(8, 28)})  # [8, 6, 64]
     """
 
+    mean_gates: Tensor  # [M, N_m], the training items' mean gate (set by calibrate)
+
     def __init__(self, dims: dict[str, int], losses: dict[str, str], num_shared: int, num_specific: int,
                  hidden_dim: int, latent_dim: int, codebook_size: int, alpha: float, beta: float, gamma: float,
                  commitment: float) -> None:
@@ -111,12 +117,18 @@ class MMQTokenizer(QuantizedAutoencoder):
     @property
     def expert_groups(self) -> dict[str, nn.ModuleList]:
         """``{"shared": experts, m: experts specific to m}``: the orthogonality groups."""
-        return {"shared": self.shared, **self.specific}
+        return {"shared": self.shared, **cast(dict[str, nn.ModuleList], dict(self.specific))}
+
+    @property
+    def expert_codebooks(self) -> list[VectorCodebook]:
+        """One codebook per expert, in token order."""
+        return cast(list[VectorCodebook], list(self.codebooks))
 
     def expert_outputs(self, signals: Signals) -> list[Tensor]:
         """Every expert's output ``[B, latent_dim]``, in token order."""
         joint = torch.cat([signals[m] for m in self.dims], dim=1)
-        return [e(joint) for e in self.shared] + [e(signals[m]) for m in self.dims for e in self.specific[m]]
+        groups = self.expert_groups
+        return [e(joint) for e in groups["shared"]] + [e(signals[m]) for m in self.dims for e in groups[m]]
 
     def gate_weights(self, signals: Signals) -> Tensor:
         """Softmax gates ``[B, M, N_m]`` of the modality-specific experts."""
@@ -125,7 +137,7 @@ class MMQTokenizer(QuantizedAutoencoder):
     def similarities(self, signals: Signals) -> Tensor:
         """Cosine similarity of each expert's output to each codeword of its codebook: ``[B, E, K]``."""
         outputs = self.expert_outputs(signals)
-        return torch.stack([cb.similarities(z) for cb, z in zip(self.codebooks, outputs, strict=True)], dim=1)
+        return torch.stack([cb.similarities(z) for cb, z in zip(self.expert_codebooks, outputs, strict=True)], dim=1)
 
     def _fuse(self, quantized: list[Tensor], gates: Tensor) -> tuple[Tensor, Tensor]:
         """Per-expert vectors ``E x [B, d]`` and gates ``[B, M, N_m]`` -> fused ``[B, d]`` and the gated sum of each
@@ -143,7 +155,7 @@ class MMQTokenizer(QuantizedAutoencoder):
 
     def loss_terms(self, signals: Signals) -> tuple[dict[str, Tensor], Tensor]:
         """The unweighted losses ``{"recon", "aux", "vq"}`` (scalars, with their graphs) and the codes ``[B, E]``."""
-        quantized = [cb(z) for cb, z in zip(self.codebooks, self.expert_outputs(signals), strict=True)]
+        quantized = [cb(z) for cb, z in zip(self.expert_codebooks, self.expert_outputs(signals), strict=True)]
         joint, aux = self._outputs(*self._fuse([q.z_q for q in quantized], self.gate_weights(signals)))
         losses = {"recon": sum(signal_loss(self.losses[m], signals[m], joint[m]) for m in self.dims),
                   "aux": sum(signal_loss(self.losses[m], signals[m], aux[m]) for m in self.dims),
@@ -162,19 +174,19 @@ class MMQTokenizer(QuantizedAutoencoder):
         return self.similarities(signals).argmax(dim=-1)
 
     def decode(self, codes: Tensor) -> Signals:
-        quantized = [cb.codewords()[codes[:, e]] for e, cb in enumerate(self.codebooks)]
+        quantized = [cb.codewords()[codes[:, e]] for e, cb in enumerate(self.expert_codebooks)]
         joint, _ = self._outputs(*self._fuse(quantized, self.mean_gates.expand(len(codes), -1, -1)))
         return {m: signal_output(self.losses[m], out) for m, out in joint.items()}
 
     def reconstruct(self, signals: Signals) -> Signals:
         """Reconstructions ``{m: [B, D_m]}`` from the items' tokens and their own gates."""
-        quantized = [cb.codewords()[cb.assign(z)] for cb, z in zip(self.codebooks, self.expert_outputs(signals),
+        quantized = [cb.codewords()[cb.assign(z)] for cb, z in zip(self.expert_codebooks, self.expert_outputs(signals),
                                                                      strict=True)]
         joint, _ = self._outputs(*self._fuse(quantized, self.gate_weights(signals)))
         return {m: signal_output(self.losses[m], out) for m, out in joint.items()}
 
     def initialise(self, signals: Signals, generator: torch.Generator) -> None:
-        for cb, z in zip(self.codebooks, self.expert_outputs(signals), strict=True):
+        for cb, z in zip(self.expert_codebooks, self.expert_outputs(signals), strict=True):
             cb.initialise(z, generator)
 
     def calibrate(self, signals: Signals) -> None:
@@ -183,23 +195,25 @@ class MMQTokenizer(QuantizedAutoencoder):
 
 
 @register("mmq")
+@dataclass(kw_only=True, eq=False)
 class MMQ(NeuralQuantizer):
     """MMQ stage-1 tokenizer: a parallel SID of one token per expert (:class:`MMQTokenizer`).
 
     Args:
         signals: ``{modality: loss}``, e.g. ``{"text": "mse", "meta": "mse"}`` (the paper's squared errors);
-            None: one embedding with cosine loss.
+            None: one embedding with cosine loss. The one setting that may be passed positionally.
         num_shared: N_s, shared experts (paper: 2).
         num_specific: N_m, experts per modality (paper: 2).
         codebook_size: K, codewords per expert.
         latent_dim: d, width of expert outputs and codewords.
-        hidden_dim: H, hidden width of experts and decoders.
         alpha, beta, gamma: weights of ``L_recon``, ``L_aux``, ``L_ortho`` (paper: 12, 10, 0.005).
         commitment: weight of the spherical-VQ commitment term.
-        max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows, chunk_size, seed: training
-            (:class:`~torchrec_sid.quantizers.autoencoder.NeuralQuantizer`).
+        hidden_dim (H, hidden width of experts and decoders) and the training settings (max_epochs, batch_size,
+            lr, patience, tol, valid_frac, init_rows, chunk_size, seed): as in
+            :class:`~torchrec_sid.quantizers.autoencoder.NeuralQuantizer`.
 
     Codes: ``[N, N_s + M N_m]``, token e in ``[0, K)`` (:attr:`token_names` gives each column's expert).
+    ``decode`` uses the training items' mean gates; :meth:`reconstruct_signals` the items' own.
 
     Example::
 
@@ -209,27 +223,16 @@ class MMQ(NeuralQuantizer):
         p = q.similarities(x)  # [1000, 6, 32] cosine similarities, for stage-2 soft indexing
     """
 
-    def __init__(self, signals: dict[str, str] | None = None, num_shared: int = 2, num_specific: int = 2,
-                 codebook_size: int = 64, latent_dim: int = 64, hidden_dim: int = 256, alpha: float = 12.0,
-                 beta: float = 10.0, gamma: float = 0.005, commitment: float = 0.25, max_epochs: int = 100,
-                 batch_size: int = 256, lr: float = 1e-3, patience: int = 10, tol: float = 1e-3,
-                 valid_frac: float = 0.1, init_rows: int = 4096, chunk_size: int = 4096, seed: int = 0) -> None:
-        super().__init__(signals, max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows, chunk_size, seed)
-        check_setting("num_shared", num_shared, 0)
-        for name, value in (("num_specific", num_specific), ("codebook_size", codebook_size),
-                            ("latent_dim", latent_dim), ("hidden_dim", hidden_dim)):
-            check_setting(name, value, 1)
-        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("commitment", commitment)):
-            check_setting(name, value, 0.0)
-        self.num_shared = num_shared
-        self.num_specific = num_specific
-        self.codebook_size = codebook_size
-        self.latent_dim = latent_dim
-        self.hidden_dim = hidden_dim
-        self.alpha = alpha
-        self.beta = beta
-        self.gamma = gamma
-        self.commitment = commitment
+    signals: dict[str, str] | None = field(default=None, kw_only=False, metadata={"check": check_signal_spec})
+    num_shared: int = setting(2, integer(0))
+    num_specific: int = setting(2, integer(1))
+    codebook_size: int = setting(64, integer(1))
+    latent_dim: int = setting(64, integer(1))
+    alpha: float = setting(12.0, real(0.0))
+    beta: float = setting(10.0, real(0.0))
+    gamma: float = setting(0.005, real(0.0))
+    commitment: float = setting(0.25, real(0.0))
+    model_: MMQTokenizer = field(init=False, repr=False)
 
     @property
     def token_names(self) -> list[str]:
@@ -246,13 +249,14 @@ class MMQ(NeuralQuantizer):
                             self.latent_dim, self.codebook_size, self.alpha, self.beta, self.gamma, self.commitment)
 
     @torch.no_grad()
-    def similarities(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
+    def similarities(self, x: QuantizerInput) -> Tensor:
         """Per expert, the cosine similarities to its codebook: ``[N, E, K]`` (argmax over K = :meth:`encode`)."""
         signals = self._check_inputs(x)
-        return self._chunked(self.model_.similarities, signals)
+        return self._in_chunks(self.model_.similarities, signals)
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor | Mapping[str, Tensor]) -> Tensor | Signals:
-        """Reconstruction from the items' tokens with their own gates (``decode`` uses the mean gate)."""
+    def reconstruct_signals(self, x: QuantizerInput) -> Signals:
+        """Reconstructions ``{name: [N, D_k]}`` from the items' tokens with their own gates (``decode`` uses the
+        mean gate)."""
         signals = self._check_inputs(x)
-        return self._unwrap(self._chunked(self.model_.reconstruct, signals))
+        return self._signals_in_chunks(self.model_.reconstruct, signals)

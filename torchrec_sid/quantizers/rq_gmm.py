@@ -19,19 +19,22 @@ Per level (method notes: ``shared/papers/rq_gmm.md``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from torchrec_sid._dist import ShardLayout, all_reduce_sum_, gather_rows, worst_rows
 from torchrec_sid.quantizers.base import (
+    QuantizerInput,
     Record,
     ResidualQuantizer,
-    check_embeddings,
-    check_setting,
+    integer,
+    one_of,
+    real,
     register,
     row_chunks,
+    setting,
 )
 from torchrec_sid.quantizers.rq_kmeans import lloyd, seed_centroids
 
@@ -118,22 +121,21 @@ def dimension_variance(x: Tensor, layout: ShardLayout, chunk_size: int) -> Tenso
 
 
 @register("rq_gmm")
+@dataclass(kw_only=True, eq=False)
 class RQGMM(ResidualQuantizer):
     """Residual quantization with a K-component diagonal Gaussian mixture per level, fit by EM.
 
     Args:
-        levels: L, number of code levels.
-        codebook_size: K, mixture components per level.
+        levels, codebook_size, chunk_size, seed: as in :class:`~torchrec_sid.quantizers.base.ResidualQuantizer`
+            (``codebook_size``: K, mixture components per level).
         max_iter: EM iterations per level, at most.
         tol: stop a level when the mean log-likelihood changes by at most this fraction.
         init_iter: Lloyd iterations of the k-means initialisation (0: k-means++ seeds only).
         var_floor_ratio: variance floor relative to the level's mean per-dimension variance.
-        min_variance: absolute variance floor.
+        min_variance: absolute variance floor (> 0).
         residual: ``"hard"`` (minus the MAP mean) or ``"posterior_mean"`` (minus ``sum_k gamma_k mu_k``): the
             residual handed to the next level while fitting.
         init_rows_per_centroid: k-means++ runs on a seeded sample of ``min(N, this * K)`` rows.
-        chunk_size: rows per E-step matmul (memory ``O(chunk_size * K)``).
-        seed: seed of the sampling and the k-means++ draws.
 
     Fitted state: ``codebooks_`` (the means) ``[L, K, D]``, ``variances_: [L, K, D]``, ``weights_: [L, K]``,
     ``history_`` (one entry per k-means init and EM iteration: ``stage``, ``level``, ``iteration``, ``rmse``,
@@ -148,30 +150,15 @@ class RQGMM(ResidualQuantizer):
     """
 
     _state_names = ("codebooks_", "variances_", "weights_")
-    variances_: Tensor
-    weights_: Tensor
-
-    def __init__(self, levels: int = 3, codebook_size: int = 256, max_iter: int = 30, tol: float = 1e-5,
-                 init_iter: int = 10, var_floor_ratio: float = 0.1, min_variance: float = 1e-6,
-                 residual: str = "hard", init_rows_per_centroid: int = 32, chunk_size: int = 4096,
-                 seed: int = 0) -> None:
-        super().__init__(levels, codebook_size, chunk_size, seed)
-        check_setting("max_iter", max_iter, 1)
-        check_setting("tol", tol, 0.0)
-        check_setting("init_iter", init_iter, 0)
-        check_setting("var_floor_ratio", var_floor_ratio, 0.0)
-        check_setting("init_rows_per_centroid", init_rows_per_centroid, 1)
-        if not min_variance > 0:
-            raise ValueError(f"min_variance must be > 0, got {min_variance}")
-        if residual not in RESIDUAL_RULES:
-            raise ValueError(f"residual must be one of {RESIDUAL_RULES}, got {residual!r}")
-        self.max_iter = max_iter
-        self.tol = tol
-        self.init_iter = init_iter
-        self.var_floor_ratio = var_floor_ratio
-        self.min_variance = min_variance
-        self.residual = residual
-        self.init_rows_per_centroid = init_rows_per_centroid
+    max_iter: int = setting(30, integer(1))
+    tol: float = setting(1e-5, real(0.0))
+    init_iter: int = setting(10, integer(0))
+    var_floor_ratio: float = setting(0.1, real(0.0))
+    min_variance: float = setting(1e-6, real(0.0, open_low=True))
+    residual: str = setting("hard", one_of(*RESIDUAL_RULES))
+    init_rows_per_centroid: int = setting(32, integer(1))
+    variances_: Tensor = field(init=False, repr=False)
+    weights_: Tensor = field(init=False, repr=False)
 
     def _init_state(self, dim: int) -> None:
         super()._init_state(dim)
@@ -235,7 +222,7 @@ class RQGMM(ResidualQuantizer):
         for rows in row_chunks(len(residual), self.chunk_size):
             residual[rows] -= mixture.posterior(residual[rows])[0].float() @ mixture.means
 
-    def responsibilities(self, x: Tensor, level: int, top_k: int = 5) -> tuple[Tensor, Tensor]:
+    def responsibilities(self, x: QuantizerInput, level: int, top_k: int = 5) -> tuple[Tensor, Tensor]:
         """Soft assignments at ``level`` of the residuals left by MAP-encoding levels ``< level``.
 
         ``x: [N, D]`` -> ``(probs: [N, top_k], components: LongTensor[N, top_k])``, most probable first.
@@ -245,7 +232,7 @@ class RQGMM(ResidualQuantizer):
             raise ValueError(f"level must be in [0, {self.levels}), got {level}")
         if not 1 <= top_k <= self.codebook_size:
             raise ValueError(f"top_k must be in [1, {self.codebook_size}], got {top_k}")
-        x = check_embeddings(x, dim=self.codebooks_.shape[2])
+        x = self._embeddings(x, dim=self.codebooks_.shape[2])
         probs = torch.empty(len(x), top_k)
         components = torch.empty(len(x), top_k, dtype=torch.long)
         mixture = self.mixture(level)

@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from torchrec_sid._dist import ShardLayout, all_reduce_sum_, gather_rows, worst_rows
-from torchrec_sid.quantizers.base import Record, ResidualQuantizer, check_setting, register, row_chunks
+from torchrec_sid.quantizers.base import Record, ResidualQuantizer, integer, real, register, row_chunks, setting
 
 
 def squared_distances(x: Tensor, x_sq: Tensor, centroids: Tensor, centroid_sq: Tensor) -> Tensor:
@@ -96,17 +97,15 @@ def lloyd(x: Tensor, centroids: Tensor, layout: ShardLayout, *, max_iter: int, t
 
 
 @register("rq_kmeans")
+@dataclass(kw_only=True, eq=False)
 class RQKMeans(ResidualQuantizer):
     """Residual k-means: ``levels`` codebooks of ``codebook_size`` centroids fit on successive residuals.
 
     Args:
-        levels: L, number of code levels.
-        codebook_size: K, centroids per level.
+        levels, codebook_size, chunk_size, seed: as in :class:`~torchrec_sid.quantizers.base.ResidualQuantizer`.
         max_iter: Lloyd iterations per level, at most.
         tol: stop a level when the inertia changes by at most this fraction.
         init_rows_per_centroid: k-means++ runs on a seeded sample of ``min(N, this * K)`` rows.
-        chunk_size: rows per distance matmul (memory ``O(chunk_size * K)``).
-        seed: seed of the sampling and the k-means++ draws.
 
     Example::
 
@@ -116,15 +115,9 @@ class RQKMeans(ResidualQuantizer):
         x_hat = q.decode(codes)  # [1000, 16]
     """
 
-    def __init__(self, levels: int = 3, codebook_size: int = 256, max_iter: int = 30, tol: float = 1e-4,
-                 init_rows_per_centroid: int = 32, chunk_size: int = 4096, seed: int = 0) -> None:
-        super().__init__(levels, codebook_size, chunk_size, seed)
-        check_setting("max_iter", max_iter, 1)
-        check_setting("tol", tol, 0.0)
-        check_setting("init_rows_per_centroid", init_rows_per_centroid, 1)
-        self.max_iter = max_iter
-        self.tol = tol
-        self.init_rows_per_centroid = init_rows_per_centroid
+    max_iter: int = setting(30, integer(1))
+    tol: float = setting(1e-4, real(0.0))
+    init_rows_per_centroid: int = setting(32, integer(1))
 
     def _fit_level(self, residual: Tensor, level: int, layout: ShardLayout, generator: torch.Generator,
                    record: Record) -> None:

@@ -8,11 +8,14 @@ in an epoch are re-seeded (:class:`~torchrec_sid.quantizers.autoencoder.VectorCo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
 from torchrec_sid.quantizers.autoencoder import Bottleneck, Quantized, VectorCodebook, straight_through
-from torchrec_sid.quantizers.base import check_setting, register
+from torchrec_sid.quantizers.base import integer, real, register, setting
 from torchrec_sid.quantizers.fusion import FusionQuantizer
 
 
@@ -25,9 +28,14 @@ class ResidualVQ(Bottleneck):
         self.codebooks = nn.ModuleList(VectorCodebook(codebook_size, latent_dim, "l2", commitment)
                                        for _ in range(levels))
 
+    @property
+    def level_codebooks(self) -> list[VectorCodebook]:
+        """The codebook of each level."""
+        return cast(list[VectorCodebook], list(self.codebooks))
+
     def forward(self, z: Tensor) -> Quantized:
         residual, total, codes, loss = z, torch.zeros_like(z), [], z.new_zeros(())
-        for codebook in self.codebooks:
+        for codebook in self.level_codebooks:
             level = codebook(residual)
             residual = residual - level.z_q.detach()
             total = total + level.z_q.detach()
@@ -36,18 +44,20 @@ class ResidualVQ(Bottleneck):
         return Quantized(straight_through(z, total), torch.cat(codes, dim=1), loss)
 
     def lookup(self, codes: Tensor) -> Tensor:
-        return sum(codebook.weight[codes[:, level]] for level, codebook in enumerate(self.codebooks))
+        return sum((cb.weight[codes[:, level]] for level, cb in enumerate(self.level_codebooks)),
+                   start=torch.zeros(len(codes), self.latent_dim))
 
     @torch.no_grad()
     def initialise(self, z: Tensor, generator: torch.Generator) -> None:
         """Residual k-means: level ``l``'s codewords from k-means on the residuals left by levels ``< l``."""
         residual = z.clone()
-        for codebook in self.codebooks:
+        for codebook in self.level_codebooks:
             codebook.initialise(residual, generator)
             residual -= codebook.weight[codebook.assign(residual)]
 
 
 @register("rq_vae")
+@dataclass(kw_only=True, eq=False)
 class RQVAE(FusionQuantizer):
     """RQ-VAE: MLP encoder, residual vector quantization (``levels`` x ``codebook_size``), MLP decoder.
 
@@ -56,8 +66,8 @@ class RQVAE(FusionQuantizer):
         codebook_size: K, codewords per level (``levels * log2 K`` bits).
         latent_dim: width of the quantized latent.
         commitment: weight of the commitment loss.
-        signals, signal_weights, hidden_dim, max_epochs, batch_size, lr, patience, tol, valid_frac, init_rows,
-            chunk_size, seed: as in :class:`~torchrec_sid.quantizers.fusion.FusionQuantizer`.
+        signals, signal_weights, hidden_dim and the training settings (max_epochs, batch_size, lr, patience, tol,
+            valid_frac, init_rows, chunk_size, seed): as in :class:`~torchrec_sid.quantizers.fusion.FusionQuantizer`.
 
     Example::
 
@@ -67,20 +77,10 @@ class RQVAE(FusionQuantizer):
         x_hat = q.decode(codes)  # [1000, 32], unit rows (cosine loss)
     """
 
-    def __init__(self, levels: int = 3, codebook_size: int = 256, latent_dim: int = 32, commitment: float = 0.25,
-                 signals: dict[str, str] | None = None, signal_weights: dict[str, float] | None = None,
-                 hidden_dim: int = 256, max_epochs: int = 100, batch_size: int = 256, lr: float = 1e-3,
-                 patience: int = 10, tol: float = 1e-3, valid_frac: float = 0.1, init_rows: int = 4096,
-                 chunk_size: int = 4096, seed: int = 0) -> None:
-        super().__init__(signals, signal_weights, hidden_dim, max_epochs, batch_size, lr, patience, tol, valid_frac,
-                         init_rows, chunk_size, seed)
-        for name, value in (("levels", levels), ("codebook_size", codebook_size), ("latent_dim", latent_dim)):
-            check_setting(name, value, 1)
-        check_setting("commitment", commitment, 0.0)
-        self.levels = levels
-        self.codebook_size = codebook_size
-        self.latent_dim = latent_dim
-        self.commitment = commitment
+    levels: int = setting(3, integer(1))
+    codebook_size: int = setting(256, integer(1))
+    latent_dim: int = setting(32, integer(1))
+    commitment: float = setting(0.25, real(0.0))
 
     @property
     def cardinalities(self) -> list[int]:
