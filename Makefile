@@ -1,28 +1,40 @@
 # The two entry points of the README: `make demo` and `make test`. Both build .venv first when it is missing or
-# older than pyproject.toml. VARIANT=gpu installs the CUDA stack instead (see README, "GPU machines").
-PY        ?= python3.11
-VENV      ?= .venv
-VARIANT   ?= cpu
-TORCH     := torch==2.13.0
-TORCHREC  := torchrec==1.8.0
+# older than pyproject.toml / this file. VARIANT=gpu installs the CUDA stack instead (README, "GPU machines").
+#
+# CPU (the default): the shim in packaging/fbgemm-gpu-cpu-shim is an empty `fbgemm-gpu` 1.8.0+cpu that depends on
+# fbgemm-gpu-cpu==1.8.0; given on the same command line as '.[cpu,...]' it meets torchrec's `fbgemm-gpu`
+# requirement with the CPU build, so torchrec installs with its own dependencies, the CUDA fbgemm-gpu wheel (2.7 GB)
+# is never fetched, and `pip check` passes (checked below).
+PY         ?= python3.11
+VENV       ?= .venv
+VARIANT    ?= cpu
+EXTRAS     ?= dev
+TORCH_INDEX ?=
 CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
+SHIM       := packaging/fbgemm-gpu-cpu-shim
 ifeq ($(VARIANT),gpu)
-  STACK := pip install --index-url $(CUDA_INDEX) $(TORCH) fbgemm-gpu==1.8.0
+  TORCH_FIRST := pip install --index-url $(CUDA_INDEX) torch==2.13.0 fbgemm-gpu==1.8.0
+  BUILD       := gpu
+  SHIM_ARG    :=
 else
-  STACK := pip install $(TORCH) fbgemm-gpu-cpu==1.8.0
+  # TORCH_INDEX=https://download.pytorch.org/whl/cpu: the CPU-only torch build (PyPI's Linux torch is the CUDA one)
+  TORCH_FIRST := $(if $(TORCH_INDEX),pip install --index-url $(TORCH_INDEX) torch==2.13.0,true)
+  BUILD       := cpu
+  SHIM_ARG    := ./$(SHIM)
 endif
+INSTALL = pip install $(SHIM_ARG) -e '.[$(BUILD),$(EXTRAS)]'
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(SHIM)/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/$(STACK) --quiet
-	$(BIN)/pip install --quiet --no-deps $(TORCHREC)
-	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/python -c "import torchrec, fbgemm_gpu, torchrec_sid; print('torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else 'ok')"
+	$(if $(filter true,$(TORCH_FIRST)),,$(BIN)/$(TORCH_FIRST) --quiet)
+	$(BIN)/$(INSTALL) --quiet
+	$(BIN)/pip check
+	$(BIN)/python -c "import fbgemm_gpu, torchrec, torchrec_sid; print('torchrec-sid', torchrec_sid.__version__)"
 	touch $@
 
 demo: setup
@@ -32,7 +44,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/$(INSTALL:]'=,bench]') --quiet
 	for script in benchmarks/[a-z]*.py; do [ "$$script" = benchmarks/common.py ] || $(BIN)/python $$script || exit 1; done
 
 clean:

@@ -4,15 +4,21 @@ Both are :func:`torchx.components.dist.ddp` apps that run ``python -m torchrec_s
 under ``torch.distributed.run`` on ``nnodes`` x ``nproc`` processes (``-j {nnodes}x{nproc}``); one process
 (``--nproc 1``) is the same command with a world of one. A config file is all a run needs; the components'
 flags only override its output folder, SIDs (and MMQ tokenizer files), seed and steps.
-``torchx run ... launch/components.py:train --help``
-lists every flag; TorchX spells them as the parameters are named (``--max_steps 100``, ``--semantic_ids F``,
-``--resume True``), and passes them on as ``torchrec-sid train`` flags (``--max-steps 100``, ...).
 
-On this machine (``local_cwd`` runs in the current directory, so start from the repository root)::
+The package registers this file with TorchX (``[project.entry-points."torchx.components"]``: it ships as
+``torchrec_sid.launch.components``), so after ``pip install torchrec-sid[train]`` the components are ``sid.train``
+and ``sid.quantize`` from any folder; ``launch/components.py:train`` names the same function in a checkout.
+``torchx run sid.train --help`` lists every flag; TorchX spells them as the parameters are named
+(``--max_steps 100``, ``--semantic_ids F``, ``--resume True``), and passes them on as ``torchrec-sid train`` flags
+(``--max-steps 100``, ...).
 
-    torchx run -s local_cwd launch/components.py:quantize --config examples/quantize_rq_gmm.yaml
-    torchx run -s local_cwd launch/components.py:train --config examples/movielens_id.yaml --nproc 2
-    torchx run -s local_cwd launch/components.py:train --config examples/movielens_sid_rq_gmm.yaml --nproc 2 \\
+On this machine (``local_cwd`` runs in the current folder; outputs and relative paths are relative to it). A
+``--config`` that is not a file there but names a shipped example (``examples/movielens_id.yaml``) is read from the
+installed package::
+
+    torchx run -s local_cwd sid.quantize --config examples/quantize_rq_gmm.yaml
+    torchx run -s local_cwd sid.train --config examples/movielens_id.yaml --nproc 2
+    torchx run -s local_cwd sid.train --config examples/movielens_sid_rq_gmm.yaml --nproc 2 \\
         --out outputs/train/sid_seed1 --seed 1
 
 With a local image (the default ``--image .``: ``local_cwd`` / ``local_dir``) the workers run the interpreter that
@@ -24,13 +30,13 @@ Past one machine: a cluster scheduler, an image with this project installed (``p
 mounts. The rendezvous is TorchX's (c10d on the first replica's host); the training code is unchanged::
 
     # Kubernetes (Volcano), 4 nodes x 8 GPUs, outputs on a shared volume
-    torchx run -s kubernetes -cfg queue=default,namespace=recsys launch/components.py:train \\
+    torchx run -s kubernetes -cfg queue=default,namespace=recsys sid.train \\
         --image registry.example.com/torchrec-sid:latest --nnodes 4 --nproc 8 --gpu 8 --cpu 64 --memMB 480000 \\
         --mounts type=volume,src=recsys-pvc,dst=/data --config examples/movielens_sid_rq_gmm.yaml \\
         --out /data/runs/sid_rq_gmm --semantic_ids /data/sids/movielens_rq_gmm.safetensors
 
     # Slurm, from a checkout on the cluster's shared filesystem (the image is the job's working directory)
-    torchx run -s slurm -cfg partition=gpu,time=2:00:00 launch/components.py:train \\
+    torchx run -s slurm -cfg partition=gpu,time=2:00:00 sid.train \\
         --image "$PWD" --python "$PWD/.venv/bin/python" --nnodes 4 --nproc 8 --gpu 8 \\
         --config examples/movielens_sid_rq_gmm.yaml --out /shared/runs/sid_rq_gmm
 
@@ -42,6 +48,7 @@ On CUDA hosts the train job uses nccl and one GPU per process (``nproc`` must no
 import os
 import shlex
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -83,7 +90,8 @@ def train(
     ``<out>/results.json``, TensorBoard scalars and distributed checkpoints under ``<out>``.
 
     Args:
-        config: a TrainConfig YAML file (see examples/movielens_*.yaml), relative to the job's working directory
+        config: a TrainConfig YAML file, relative to the job's working directory, or (local runs) a shipped
+            example such as examples/movielens_id.yaml
         nproc: processes per node (at most the node's GPUs when gpu > 0)
         nnodes: nodes (replicas); more than 1 needs a cluster scheduler
         out: output folder, overriding the config's ``out``
@@ -141,7 +149,8 @@ def quantize(
     rank fits on its block of items (the quantizer's distributed fit) and rank 0 writes the artifacts.
 
     Args:
-        config: a QuantizeConfig YAML file (see examples/quantize_*.yaml), relative to the job's working directory
+        config: a QuantizeConfig YAML file, relative to the job's working directory, or (local runs) a shipped
+            example such as examples/quantize_rq_gmm.yaml
         nproc: processes per node
         nnodes: nodes (replicas); more than 1 needs a cluster scheduler
         out: SemanticIds file to write, overriding the config's ``out``
@@ -178,15 +187,16 @@ def _flags(**values: object) -> List[str]:
 def _app(args: List[str], config: str, command: str, *, nproc: int, nnodes: int, image: str,
          python: Optional[str], name: Optional[str], cpu: int, gpu: int, memMB: int, h: Optional[str],
          env: Optional[Dict[str, str]], mounts: Optional[List[str]], max_retries: int, rdzv_port: int,
-         ) -> specs.AppDef:
+         ) -> "specs.AppDef":  # quoted: TorchX lists a function as a component only when it says `-> AppDef`
     for what, value in (("nproc", nproc), ("nnodes", nnodes)):
         if value < 1:
             raise ValueError(f"{command}: --{what} must be >= 1, got {value}")
     if gpu > 0 and nproc > gpu:
         raise ValueError(f"{command}: --nproc {nproc} exceeds --gpu {gpu}; the job runs one process per GPU")
-    if image == LOCAL_IMAGE and not Path(config).is_file():
-        raise ValueError(f"{command}: --config {config} is not a file (local_cwd runs from the current directory; "
-                         f"start torchx from the repository root)")
+    if image == LOCAL_IMAGE:  # the job runs in the current folder: the config must be there, or be a shipped example
+        config = _local_config(config, command)
+        at = args.index("--config") + 1
+        args = [*args[:at], config, *args[at + 1:]]
     app = dist.ddp(
         *args, m=MODULE, image=image, name=name or f"{MODULE}/{Path(config).stem}", h=h, cpu=cpu, gpu=gpu,
         memMB=memMB, j=f"{nnodes}x{nproc}", env=dict(env or {}), max_retries=max_retries, rdzv_port=rdzv_port,
@@ -201,6 +211,19 @@ def _app(args: List[str], config: str, command: str, *, nproc: int, nnodes: int,
         raise RuntimeError(f"unexpected torchx.components.dist.ddp command line: {command_line!r}")
     role.args[-1] = f"{launcher} -m torch.distributed.run {command_line[len('torchrun '):]}"
     return app
+
+
+def _local_config(config: str, command: str) -> str:
+    """``config`` if it is a file here, else the shipped example it names (``examples/NAME.yaml`` or ``NAME.yaml``)."""
+    if Path(config).is_file():
+        return config
+    path = Path(config)
+    if path.parent in (Path("."), Path("examples")) and path.suffix == ".yaml":
+        shipped = resources.files("torchrec_sid.examples").joinpath(path.name)
+        if shipped.is_file():
+            return str(shipped)
+    raise ValueError(f"{command}: --config {config} is not a file (local_cwd runs in the current folder) nor a "
+                     f"shipped example (examples/movielens_id.yaml, ...)")
 
 
 def _is_local(image: str) -> bool:

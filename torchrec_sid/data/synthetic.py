@@ -35,8 +35,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from torchrec_sid.metrics import auc
 from torchrec_sid.data.batches import Catalog, Histories, InteractionData, Samples
+from torchrec_sid.metrics import auc
 
 START_TIMESTAMP = 1_577_836_800  # 2020-01-01 00:00:00 UTC
 SECONDS_PER_DAY = 86_400
@@ -95,24 +95,18 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_ranges()
+        self._check_relations()
+
+    def _check_ranges(self) -> None:
+        """Each setting on its own."""
         for name in ("num_items", "num_users", "content_dim", "num_clusters", "num_categories", "min_history",
                      "samples_per_user", "num_age_buckets", "num_genders", "time_span_days"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_clusters > self.num_items:
-            raise ValueError(f"num_clusters ({self.num_clusters}) must be <= num_items ({self.num_items})")
-        if self.min_history > self.max_history:
-            raise ValueError(f"min_history ({self.min_history}) must be <= max_history ({self.max_history})")
-        if 0.6 * self.time_span_days * SECONDS_PER_DAY < 2 * self.max_history:
-            raise ValueError(f"time_span_days ({self.time_span_days}) is too short for max_history "
-                             f"({self.max_history}) events of at least one second each")
         for name in ("valid_frac", "test_frac", "cold_frac"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.valid_frac + self.test_frac >= 1.0:
-            raise ValueError(f"valid_frac + test_frac must be < 1, got {self.valid_frac + self.test_frac}")
-        if round(self.cold_frac * self.num_items) >= self.num_items:
-            raise ValueError(f"cold_frac ({self.cold_frac}) leaves no warm item out of {self.num_items}")
         for name in ("interest_drift", "explore_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -121,6 +115,20 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.preference_concentration <= 0.0:
             raise ValueError(f"preference_concentration must be > 0, got {self.preference_concentration}")
+
+    def _check_relations(self) -> None:
+        """Settings against each other."""
+        if self.num_clusters > self.num_items:
+            raise ValueError(f"num_clusters ({self.num_clusters}) must be <= num_items ({self.num_items})")
+        if self.min_history > self.max_history:
+            raise ValueError(f"min_history ({self.min_history}) must be <= max_history ({self.max_history})")
+        if 0.6 * self.time_span_days * SECONDS_PER_DAY < 2 * self.max_history:
+            raise ValueError(f"time_span_days ({self.time_span_days}) is too short for max_history "
+                             f"({self.max_history}) events of at least one second each")
+        if self.valid_frac + self.test_frac >= 1.0:
+            raise ValueError(f"valid_frac + test_frac must be < 1, got {self.valid_frac + self.test_frac}")
+        if round(self.cold_frac * self.num_items) >= self.num_items:
+            raise ValueError(f"cold_frac ({self.cold_frac}) leaves no warm item out of {self.num_items}")
 
 
 @dataclass(frozen=True)

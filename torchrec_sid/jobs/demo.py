@@ -2,17 +2,19 @@
 training of a few DLRM configs through TorchX -> a results table (terminal) and chart (PNG).
 
 Every stage is a command a user would run by hand (``torchrec-sid quantize --config examples/quantize_*.yaml``,
-``torchx run -s local_cwd launch/components.py:train --config examples/movielens_*.yaml --nproc 2``); the demo runs
-them from the repository root, with outputs under ``outputs/demo/``.
+``torchx run -s local_cwd sid.train --config examples/movielens_*.yaml --nproc 2``). The example configs and the
+TorchX components come from the installed package (``torchrec_sid.examples``, ``torchrec_sid.launch``: the
+repository's ``examples/`` and ``launch/`` folders, shipped in the wheel and mapped by an editable install), so the
+demo runs from any folder; outputs go under ``--out`` (default ``outputs/demo`` in the current folder).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,11 +24,28 @@ from torchrec_sid.jobs.quantize import QuantizeConfig
 from torchrec_sid.jobs.quantize import run as quantize
 from torchrec_sid.report import format_metric, format_results
 
-REPO = Path(__file__).resolve().parents[2]
 QUANTIZE = ("quantize_rq_kmeans", "quantize_rq_gmm", "quantize_dpca", "quantize_mmq")
 # finetune_mmq (MMQ stage 2) writes the fine-tuned SIDs that movielens_sid_mmq_ft trains on
 TRAIN = ("movielens_id", "movielens_sid_rq_kmeans", "movielens_sid_rq_gmm", "movielens_side", "movielens_sid_mmq",
          "movielens_finetune_mmq", "movielens_sid_mmq_ft", "movielens_hist_din")
+
+
+def packaged_file(package: str, name: str) -> Path:
+    """A file shipped in ``package`` (``torchrec_sid.examples`` or ``torchrec_sid.launch``), as a path on disk."""
+    path = Path(str(resources.files(package).joinpath(name)))
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} is not in the installed {package} ({path}); reinstall torchrec-sid")
+    return path
+
+
+def example(name: str) -> Path:
+    """The shipped example config ``name`` (``movielens_id`` -> ``.../torchrec_sid/examples/movielens_id.yaml``)."""
+    return packaged_file("torchrec_sid.examples", f"{name}.yaml")
+
+
+def components_file() -> Path:
+    """The TorchX components file (``torchrec_sid/launch/components.py``, registered as ``sid.train`` etc.)."""
+    return packaged_file("torchrec_sid.launch", "components.py")
 
 
 def nearest_titles(embeddings: torch.Tensor, titles: list[str], query: str, k: int = 5) -> list[tuple[str, float]]:
@@ -37,15 +56,20 @@ def nearest_titles(embeddings: torch.Tensor, titles: list[str], query: str, k: i
     scores = embeddings @ embeddings[i]
     scores[i] = -float("inf")
     top = torch.topk(scores, k)
-    return [(titles[j], float(s)) for s, j in zip(top.values, top.indices)]
+    return [(titles[j], float(s)) for s, j in zip(top.values, top.indices, strict=True)]
 
 
-def run(ml100k: str | None = None, out: str = "outputs/demo", nproc: int = 2) -> list[dict]:
-    """Runs every stage and returns the training results (also written to ``<out>/results.json`` and ``.png``)."""
-    if not (REPO / "launch" / "components.py").is_file():
-        raise RuntimeError(f"the demo runs from a checkout of the repository; {REPO} has no launch/components.py")
-    os.chdir(REPO)
+def run(ml100k: str | None = None, out: str = "outputs/demo", nproc: int = 2, dry_run: bool = False) -> list[dict]:
+    """Runs every stage and returns the training results (also written to ``<out>/results.json`` and ``.png``).
+
+    ``dry_run`` loads and checks every config, asks TorchX for each training job without launching it
+    (``torchx run --dryrun``) and prints the plan; it reads no data and returns no results.
+    """
     root = Path(out)
+    print(f"[demo] examples: {example(QUANTIZE[0]).parent}; TorchX components: {components_file()}; "
+          f"outputs: {root.resolve()}")
+    if dry_run:
+        return _plan(root, ml100k, nproc)
     t0 = time.perf_counter()
     ml = movielens.load(ml100k)
     print(ml.summary())
@@ -56,10 +80,11 @@ def run(ml100k: str | None = None, out: str = "outputs/demo", nproc: int = 2) ->
 
     sids: dict[str, Path] = {}
     for name in QUANTIZE:
-        config = QuantizeConfig.from_yaml(REPO / "examples" / f"{name}.yaml", ml100k=ml100k,
-                                          out=str(root / f"{name.removeprefix('quantize_')}.safetensors"),
-                                          tensorboard=str(root / "tensorboard" / name))
-        m = quantize(config).metrics
+        config = _quantize_config(name, root, ml100k)
+        fitted = quantize(config)
+        if fitted is None:  # only a rank > 0 of a distributed fit returns nothing; the demo runs in one process
+            raise RuntimeError(f"quantize {name} returned no SemanticIds")
+        m = fitted.metrics
         sids[config.method] = Path(config.out)
         print(f"[sids] {config.method:<10} rmse {format_metric(m['rmse'], '.5f')}  cosine loss "
               f"{format_metric(m['cosine_loss'], '.4f')}  utilisation {min(m['utilization']):.3f}  recall@20 "
@@ -78,13 +103,37 @@ def run(ml100k: str | None = None, out: str = "outputs/demo", nproc: int = 2) ->
     return results
 
 
-def _train_with_torchx(name: str, out: Path, sids: dict[str, Path], ml100k: str | None, nproc: int) -> dict:
-    """``torchx run -s local_cwd launch/components.py:train`` on one example config; returns its results."""
+def _quantize_config(name: str, root: Path, ml100k: str | None) -> QuantizeConfig:
+    return QuantizeConfig.from_yaml(example(name), ml100k=ml100k,
+                                    out=str(root / f"{name.removeprefix('quantize_')}.safetensors"),
+                                    tensorboard=str(root / "tensorboard" / name))
+
+
+def _plan(root: Path, ml100k: str | None, nproc: int) -> list[dict]:
+    """The dry run: every stage's config and command, each training job built by TorchX but not launched."""
+    sids: dict[str, Path] = {}
+    for name in QUANTIZE:
+        config = _quantize_config(name, root, ml100k)
+        sids[config.method] = Path(config.out)
+        print(f"[dry-run] quantize {config.method:<10} {example(name)} -> {config.out}")
+    for name in TRAIN:
+        command = _torchx_command(name, root / "train" / name, sids, ml100k, nproc)
+        proc = subprocess.run([*command[:4], "--dryrun", *command[4:]], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torchx could not build {name} ({' '.join(command)}):\n{proc.stderr[-4000:]}")
+        print(f"[dry-run] train {name:<24} torchx {' '.join(command[3:])}")
+    print(f"[dry-run] {len(QUANTIZE)} quantize and {len(TRAIN)} TorchX training jobs ready; nothing was run")
+    return []
+
+
+def _torchx_command(name: str, out: Path, sids: dict[str, Path], ml100k: str | None, nproc: int) -> list[str]:
+    """``torchx run -s local_cwd <installed components.py>:train`` on one shipped example config."""
     import yaml
 
-    config = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
-    command = [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", "launch/components.py:train",
-               "--config", f"examples/{name}.yaml", "--nproc", str(nproc), "--out", str(out)]
+    path = example(name)
+    config = yaml.safe_load(path.read_text())
+    command = [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", f"{components_file()}:train",
+               "--config", str(path), "--nproc", str(nproc), "--out", str(out)]
     if config.get("semantic_ids"):
         method = Path(config["semantic_ids"]).stem.removeprefix("movielens_")
         command += ["--semantic_ids", str(sids[method])]
@@ -94,6 +143,12 @@ def _train_with_torchx(name: str, out: Path, sids: dict[str, Path], ml100k: str 
                     "--export_semantic_ids", str(sids["mmq_ft"])]
     if ml100k:
         command += ["--ml100k", ml100k]
+    return command
+
+
+def _train_with_torchx(name: str, out: Path, sids: dict[str, Path], ml100k: str | None, nproc: int) -> dict:
+    """Runs one example config through TorchX (2 local processes by default); returns its results."""
+    command = _torchx_command(name, out, sids, ml100k, nproc)
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0 or not (out / "results.json").is_file():
         raise RuntimeError(f"training {name} failed ({' '.join(command)}):\n{proc.stderr[-4000:]}")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from torchrec_sid.quantizers.autoencoder import NeuralQuantizer
+from torchrec_sid._dist import is_distributed
 from torchrec_sid.quantizers.base import build_quantizer
 from torchrec_sid.quantizers.metrics import perplexity, quality_report, utilization
 from torchrec_sid.sid import SemanticIds
@@ -129,19 +129,22 @@ def _block(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def _gather_codes(codes: torch.Tensor) -> torch.Tensor:
     """All ranks' codes in rank order (blocks are contiguous, so this is item order)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return codes
     parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, codes)
-    return torch.cat(parts)
+    return torch.cat([p for p in parts if p is not None])
 
 
 def run(config: QuantizeConfig) -> SemanticIds | None:
     """Fits, encodes and writes the artifacts; returns the ``SemanticIds`` on rank 0 (None on other ranks)."""
-    quantizer = build_quantizer(config.method, **config.quantizer)  # bad settings fail before any data loads
-    if len(config.signals) > 1 and not isinstance(quantizer, NeuralQuantizer):
-        raise ValueError(f"signals {list(config.signals)}: {config.method} reads one signal; multi-signal "
-                         f"quantizers are the neural ones (rq_vae, fsq, dpca, mmq)")
+    _check_outputs(config)
+    quantizer = build_quantizer(config.method, **config.quantizer)
+    quantizer.check_params()  # bad settings fail before any data loads
+    if len(config.signals) > 1 and set(config.signals) != set(quantizer.signal_names):
+        reads = "one signal" if len(quantizer.signal_names) == 1 else f"the signals {quantizer.signal_names}"
+        raise ValueError(f"signals {list(config.signals)}: {config.method} reads {reads}; multi-signal "
+                         f"quantizers are the neural ones (rq_vae, fsq, dpca, mmq) with their own `signals` setting")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -168,7 +171,7 @@ def run(config: QuantizeConfig) -> SemanticIds | None:
                    utilization=utilization(codes, quantizer.cardinalities),
                    perplexity=perplexity(codes, quantizer.cardinalities))
     sids = SemanticIds(codes, quantizer.cardinalities, quantizer.name,
-                       {**quantizer.config(), "data": config.data, "signals": list(config.signals)},
+                       {**quantizer.get_params(), "data": config.data, "signals": list(config.signals)},
                        metrics, digit_centres=quantizer.digit_centres)
     if config.collision_suffix:
         sids = sids.with_collision_suffix()
@@ -176,6 +179,17 @@ def run(config: QuantizeConfig) -> SemanticIds | None:
     quantizer.save(config.quantizer_path)
     logger.info("wrote %s and %s", config.out, config.quantizer_path)
     return sids
+
+
+def _check_outputs(config: QuantizeConfig) -> None:
+    """Refuses, before any work, outputs that would overwrite the input or each other."""
+    out, quantizer_file = Path(config.out).resolve(), config.quantizer_path.resolve()
+    if config.data.endswith(".npy") and Path(config.data).resolve() in (out, quantizer_file):
+        raise ValueError(f"out: {config.out} would overwrite the input embeddings --data {config.data}; "
+                         f"choose another --out (it also writes {config.quantizer_path.name})")
+    if not out.name.endswith(".safetensors"):
+        raise ValueError(f"out: {config.out} must end in .safetensors (the quantizer goes beside it as "
+                         f"<stem>.quantizer.safetensors)")
 
 
 def _metrics_sample(n: int, size: int, seed: int) -> torch.Tensor:

@@ -1,29 +1,33 @@
-"""A DLRM-style ranking model whose item representation and user-history block are chosen by config.
+"""A DLRM-style ranking model whose item representation and user-history block are modules of your choice.
 
 Arches, as in ``torchrec.models.dlrm`` (whose ``SparseArch``, ``DenseArch``, ``InteractionArch`` and ``OverArch``
 are reused):
 
-* ``sparse_arch``: pooled user features and the candidate's genres through an ``EmbeddingBagCollection``.
+* ``sparse_arch``: one pooled ``d``-vector per feature of an ``EmbeddingBagCollection`` (user features, the
+  candidate's categories, ...).
 * ``dense_arch``: the dense features through an MLP to ``d``.
-* ``item_arch``: one ``d``-vector per item, for the candidate and for every history event, as the sum of the
-  configured representations: ``id`` (an item-id table), ``sid`` (SID token / n-gram tables fed by a
-  :class:`~torchrec_sid.modules.SidFeatureTransform`), ``side`` (table-free
-  :class:`~torchrec_sid.modules.SIDEmbedding`) and ``soft_sid`` (MMQ stage 2: soft-indexed SID tokens of a
-  trainable tokenizer, :class:`~torchrec_sid.modules.SoftSidEmbedding`; its small ``[E, K, d]`` tables are dense).
-  The id and SID tables live in one ``EmbeddingCollection`` that DistributedModelParallel shards; candidate and
-  history share their rows.
-* ``content_arch`` (optional): the candidate's text content embedding through a 2-layer MLP.
-* ``history_arch``: a :class:`~torchrec_sid.modules.HistoryBlock` (pooling, PMA, DIN, SIM, DMQN) over the padded
-  history, with the candidate as target.
+* :class:`ItemArch`: one ``d``-vector per item, for the candidate and for every history event, as the sum of its
+  representations: item-id and SID-token tables in one ``EmbeddingCollection`` (the tokens derived from the item
+  ids by a :class:`~torchrec_sid.modules.SidFeatureTransform`; DistributedModelParallel shards the tables, candidate
+  and history share their rows), table-free :class:`~torchrec_sid.modules.SIDEmbedding` (SIDE) and
+  :class:`~torchrec_sid.modules.SoftSidEmbedding` (MMQ stage 2: soft-indexed SID tokens of a trainable tokenizer;
+  its small ``[E, K, d]`` tables are dense).
+* ``content_arch`` (optional): the candidate's content, e.g. :class:`ContentArch` (a frozen text embedding through
+  an MLP).
+* :class:`HistoryArch` (optional): a :class:`~torchrec_sid.modules.HistoryBlock` (pooling, PMA, DIN, SIM, DMQN) over
+  the padded history, with the candidate as target.
 * ``interaction_arch`` + ``over_arch``: pairwise dot products of all ``d``-vectors, then an MLP to one logit.
+
+The model knows no feature name of its own: :class:`ItemArch` is told which KJT features hold the candidate and the
+history, the ``EmbeddingBagCollection``'s tables name the pooled ones. :meth:`SidDLRM.from_config` builds the arches
+from a :class:`~torchrec_sid.models.configs.ModelConfig` and a :class:`~torchrec_sid.models.configs.FeatureSchema`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, SparseArch
@@ -31,14 +35,13 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from torchrec_sid.data.batches import (
-    HISTORY_ITEM_IDS,
-    HISTORY_TIMESTAMPS,
-    ITEM_GENRES,
-    ITEM_ID,
-    TIMESTAMP,
-    USER_ID,
-    Catalog,
+from torchrec_sid.models.configs import (
+    HISTORY_BLOCKS,
+    ITEM_REPRESENTATIONS,
+    FeatureSchema,
+    ModelConfig,
+    SidTokenConfig,
+    SoftSidConfig,
 )
 from torchrec_sid.modules import (
     DIN,
@@ -56,94 +59,400 @@ from torchrec_sid.modules.soft_sid import SoftIndexTokenizer
 from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.packing import pack_codes
 
-ITEM_REPRESENTATIONS = ("id", "sid", "side", "soft_sid")
-HISTORY_BLOCKS = ("none", "pooling", "pma", "din", "sim", "dmqn")
+__all__ = [
+    "HISTORY_BLOCKS", "ITEM_REPRESENTATIONS", "ContentArch", "FeatureSchema", "HistoryArch", "ItemArch", "ItemVectors",
+    "ModelConfig", "SidDLRM", "SidTokenConfig", "SoftSidConfig", "build_history_block", "check_model_inputs",
+    "count_parameters", "embedding_collections", "table_parameters",
+]
 
 
-@dataclass(frozen=True)
-class SidTokenConfig:
-    """Which SID tokens ``item_arch`` looks up (see :class:`~torchrec_sid.modules.SidFeatureTransform`)."""
+class ItemVectors(NamedTuple):
+    """What :class:`ItemArch` returns for a batch of B examples with ``sum L`` history events in all."""
 
-    ngram_orders: tuple[int, ...] = (1,)
-    prefix_lengths: tuple[int, ...] = ()
-    num_levels: int | None = None
-    max_table_size: int = 2**20
-
-
-@dataclass(frozen=True)
-class SoftSidConfig:
-    """MMQ stage 2 (``soft_sid``): soft-index temperature and the weights of the tokenizer's reconstruction
-    (alpha') and auxiliary (beta') losses (see :class:`~torchrec_sid.modules.SoftSidEmbedding`).
-
-    The defaults keep stage 1's weights (12, 10). The paper's 0.5 / 0.5 let the ranking loss collapse one
-    expert's tokens onto a single code on MovieLens-100k (utilisation 1 / 64; collisions 31% -> 68%), at
-    tau = 0.1 and tau = 1 alike; with 12 / 10 every code stays in use.
-    """
-
-    tau: float = 0.1
-    recon_weight: float = 12.0
-    aux_weight: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.tau <= 0:
-            raise ValueError(f"model.soft_sid.tau must be > 0, got {self.tau}")
-        for name in ("recon_weight", "aux_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"model.soft_sid.{name} must be >= 0, got {getattr(self, name)}")
+    candidate: Tensor  # [B, d]
+    history: Tensor  # [sum L, d], the history feature's jagged layout
+    candidate_ids: Tensor  # [B]
+    history_ids: Tensor  # [sum L]
+    history_lengths: Tensor  # [B]
+    history_ages: Tensor | None  # [sum L] float seconds, event time - request time (<= 0); None without timestamps
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """The model's shape; every field is checked before anything is built.
+class ItemArch(nn.Module):
+    """Candidate and history item vectors from id tables, SID token tables, SIDE and / or soft SIDs, summed.
 
     Args:
-        embedding_dim: d, the width of every feature vector.
-        item_representation: any non-empty combination of ``id``, ``sid``, ``side``, ``soft_sid`` (summed).
-        id_dropout: in training, the probability that an item's id vector is left out of its sum (so the SID
-            parts learn to stand for the item alone, as they must for an item the id table has not learnt).
-        sid_tokens: the SID token features, when ``sid`` is used.
-        soft_sid: the stage-2 settings, when ``soft_sid`` is used.
-        content: add the candidate's text embedding (needs the ``text`` signal at construction).
-        history_block: ``none``, ``pooling``, ``pma``, ``din``, ``sim`` or ``dmqn``.
-        history_options: constructor arguments of the history block (e.g. ``{"top_k": 50}`` for SIM).
-        max_history: most recent history events the block sees (the padded length L).
-        dense_layers: hidden sizes of the dense arch (its output is ``embedding_dim``).
-        over_layers: hidden sizes of the over arch (its output is one logit).
+        item_feature: the KJT feature of the candidate's item id (exactly one value per example).
+        history_feature: the KJT feature of the history's item ids (jagged, oldest first).
+        embedding_dim: d.
+        embedding_collection: tables for ``item_feature`` / ``history_feature`` (the id representation) and for the
+            token features ``transform`` derives from them; every feature of the collection must be one of these.
+        transform: derives SID token features from ``item_feature`` / ``history_feature`` (its feature names).
+        side: a SIDE embedding of the items' packed SIDs ``side_packed_ids`` (``[I]`` long, row i = item i).
+        soft_sid: soft-indexed SID vectors of item ids (MMQ stage 2).
+        history_timestamp_feature, timestamp_feature: the history events' and the request's times (both or
+            neither); they give :attr:`ItemVectors.history_ages`.
+        trained_items: ``[I]`` bool, the items whose id rows training updates (None: all). The id vector of any
+            other item is zero, as for an id outside the vocabulary: an untrained row is random noise.
+        id_dropout: in training, the probability that an item's id vector is left out of its sum.
+
+    ``forward(features KJT) -> ItemVectors`` (see :class:`ItemVectors` for the shapes).
     """
 
-    embedding_dim: int = 32
-    item_representation: tuple[str, ...] = ("id",)
-    id_dropout: float = 0.0
-    sid_tokens: SidTokenConfig = SidTokenConfig()
-    soft_sid: SoftSidConfig = SoftSidConfig()
-    content: bool = False
-    history_block: str = "pooling"
-    history_options: dict[str, Any] = field(default_factory=dict)
-    max_history: int = 50
-    dense_layers: tuple[int, ...] = (64,)
-    over_layers: tuple[int, ...] = (128, 64)
+    id_known: Tensor | None
+    side_packed_ids: Tensor | None
 
-    def __post_init__(self) -> None:
-        reps = tuple(self.item_representation)
-        if not reps or set(reps) - set(ITEM_REPRESENTATIONS) or len(set(reps)) != len(reps):
-            raise ValueError(f"model.item_representation must be distinct values of {ITEM_REPRESENTATIONS}, "
-                             f"got {list(reps)}")
-        if not 0.0 <= self.id_dropout < 1.0:
-            raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
-        if self.id_dropout and "id" not in reps:
-            raise ValueError(f"model.id_dropout is {self.id_dropout} but item_representation {list(reps)} has no id")
-        if self.history_block not in HISTORY_BLOCKS:
-            raise ValueError(f"model.history_block must be one of {HISTORY_BLOCKS}, got {self.history_block!r}")
-        for name in ("embedding_dim", "max_history"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.history_options and self.history_block in ("none", "pooling"):
-            raise ValueError(f"model.history_options are given but history_block {self.history_block!r} "
-                             f"takes none: {self.history_options}")
+    def __init__(
+        self,
+        item_feature: str,
+        history_feature: str,
+        embedding_dim: int,
+        *,
+        embedding_collection: EmbeddingCollection | None = None,
+        transform: SidFeatureTransform | None = None,
+        side: SIDEmbedding | None = None,
+        side_packed_ids: Tensor | None = None,
+        soft_sid: SoftSidEmbedding | None = None,
+        history_timestamp_feature: str | None = None,
+        timestamp_feature: str | None = None,
+        trained_items: Tensor | None = None,
+        id_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if item_feature == history_feature:
+            raise ValueError(f"ItemArch: item_feature and history_feature are both {item_feature!r}")
+        if embedding_collection is None and side is None and soft_sid is None:
+            raise ValueError("ItemArch: give at least one of embedding_collection, side, soft_sid")
+        if (history_timestamp_feature is None) != (timestamp_feature is None):
+            raise ValueError("ItemArch: give history_timestamp_feature and timestamp_feature together, got "
+                             f"{history_timestamp_feature!r} and {timestamp_feature!r}")
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"ItemArch: id_dropout must be in [0, 1), got {id_dropout}")
+        self.item_feature, self.history_feature, self.embedding_dim = item_feature, history_feature, embedding_dim
+        self.timestamp_features: tuple[str, str] | None = (
+            None if history_timestamp_feature is None or timestamp_feature is None
+            else (history_timestamp_feature, timestamp_feature))
+        self.transform = transform
+        self.embedding_collection = embedding_collection
+        self.candidate_features, self.history_features = self._table_features(embedding_collection, transform)
+        ids = {item_feature, history_feature} & {*self.candidate_features, *self.history_features}
+        if (id_dropout or trained_items is not None) and not ids:
+            raise ValueError(f"ItemArch: id_dropout / trained_items act on the id tables, but embedding_collection "
+                             f"has no table for {item_feature!r} or {history_feature!r}")
+        if trained_items is not None and trained_items.ndim != 1:
+            raise ValueError(f"ItemArch: trained_items must be [I] bool, got shape {tuple(trained_items.shape)}")
+        self.register_buffer("id_known", None if trained_items is None else trained_items.bool().clone())
+        self.id_dropout = id_dropout
+        if (side is None) != (side_packed_ids is None):
+            raise ValueError("ItemArch: side and side_packed_ids go together (SIDE embeds the items' packed SIDs)")
+        if side is not None and side.output_dim != embedding_dim:
+            raise ValueError(f"ItemArch: side.output_dim is {side.output_dim}, embedding_dim {embedding_dim}")
+        self.side = side
+        self.register_buffer("side_packed_ids", None if side_packed_ids is None else side_packed_ids.long().clone())
+        if soft_sid is not None and soft_sid.tables.shape[-1] != embedding_dim:
+            raise ValueError(f"ItemArch: soft_sid vectors are {soft_sid.tables.shape[-1]}-d, embedding_dim "
+                             f"{embedding_dim}")
+        self.soft_sid = soft_sid
 
-    @property
-    def needs_semantic_ids(self) -> bool:
-        return bool({"sid", "side"} & set(self.item_representation)) or self.history_block == "sim"
+    def _table_features(self, collection: EmbeddingCollection | None,
+                        transform: SidFeatureTransform | None) -> tuple[list[str], list[str]]:
+        """The collection's candidate and history features (each an item feature or a token derived from one)."""
+        item, history = self.item_feature, self.history_feature
+        if transform is not None:
+            extra = sorted(set(transform.feature_names) - {item, history})
+            if extra:
+                raise ValueError(f"ItemArch: transform derives tokens from {extra}, which are neither item_feature "
+                                 f"{item!r} nor history_feature {history!r}")
+            if collection is None:
+                raise ValueError("ItemArch: a transform needs an embedding_collection with its token tables")
+        if collection is None:
+            return [], []
+
+        def derived(feature: str) -> list[str]:
+            known = transform is not None and feature in transform.feature_names
+            return [feature, *(transform.derived_feature_names(feature) if transform is not None and known else [])]
+
+        candidate_names, history_names = derived(item), derived(history)
+        candidate, hist = [], []
+        for config in collection.embedding_configs():
+            if config.embedding_dim != self.embedding_dim:
+                raise ValueError(f"ItemArch: table {config.name!r} is {config.embedding_dim}-d, embedding_dim "
+                                 f"{self.embedding_dim}")
+            for name in config.feature_names:
+                if name in candidate_names:
+                    candidate.append(name)
+                elif name in history_names:
+                    hist.append(name)
+                else:
+                    raise ValueError(f"ItemArch: table {config.name!r} reads feature {name!r}, which is neither "
+                                     f"{item!r}, {history!r} nor a SID token the transform derives from them")
+        return candidate, hist
+
+    def forward(self, features: KeyedJaggedTensor) -> ItemVectors:
+        """``features``: a KJT with ``item_feature`` and ``history_feature`` (and the timestamp features) among
+        its keys; other keys are ignored. Returns :class:`ItemVectors`."""
+        history_jt = features[self.history_feature]
+        candidate_ids = features[self.item_feature].values()
+        history_ids, lengths = history_jt.values(), history_jt.lengths()
+        # new_zeros, not torch.zeros(ids.size(0), ...): fx traces it (TrainPipelineSparseDist traces the model)
+        candidate = candidate_ids.new_zeros((candidate_ids.size(0), self.embedding_dim), dtype=torch.float32)
+        history = history_ids.new_zeros((history_ids.size(0), self.embedding_dim), dtype=torch.float32)
+        if self.embedding_collection is not None:
+            if self.transform is not None:
+                features = self.transform(features)
+            embedded = self.embedding_collection(features)
+            for name in self.candidate_features:
+                rows = embedded[name].values()
+                candidate = candidate + (self._id_rows(rows, candidate_ids) if name == self.item_feature else rows)
+            for name in self.history_features:
+                rows = embedded[name].values()
+                history = history + (self._id_rows(rows, history_ids) if name == self.history_feature else rows)
+        if self.side is not None and self.side_packed_ids is not None:
+            candidate = candidate + self.side(self.side_packed_ids[candidate_ids])
+            history = history + self.side(self.side_packed_ids[history_ids])
+        if self.soft_sid is not None:  # one call, so the tokenizer's regulariser enters the loss once
+            both = self.soft_sid(torch.cat([candidate_ids, history_ids]))
+            candidate = candidate + both[: candidate_ids.size(0)]
+            history = history + both[candidate_ids.size(0):]
+        ages = None
+        if self.timestamp_features is not None:  # seconds before the request (float32: exact to a few seconds)
+            history_times, request_times = self.timestamp_features
+            request = torch.repeat_interleave(features[request_times].values(), lengths)
+            ages = (features[history_times].values() - request).float()
+        return ItemVectors(candidate, history, candidate_ids, history_ids, lengths, ages)
+
+    def _id_rows(self, rows: Tensor, ids: Tensor) -> Tensor:
+        """``rows`` with zeros for untrained ids and (in training) dropped ones."""
+        dropout = self.training and self.id_dropout > 0
+        if self.id_known is None and not dropout:
+            return rows
+        keep = self.id_known[ids] if self.id_known is not None else torch.ones_like(ids, dtype=torch.bool)
+        if dropout:
+            keep = keep & (torch.rand(ids.shape, device=ids.device) >= self.id_dropout)
+        return rows * keep.unsqueeze(1).to(rows.dtype)
+
+
+class HistoryArch(nn.Module):
+    """A :class:`~torchrec_sid.modules.HistoryBlock` over :class:`ItemArch`'s jagged history, to one ``d``-vector.
+
+    Pads the most recent ``max_history`` events, passes the events' ages (when the item arch has timestamps) and
+    per-item search keys (for SIM), and projects the block's output to ``d`` when it is wider (PMA).
+
+    Args:
+        block: the history block, built for ``embedding_dim``-d events.
+        embedding_dim: d.
+        max_history: L, the padded length.
+        item_keys: ``[I]`` long search key of every item (e.g. its first SID level), for search-based blocks.
+
+    ``forward(items: ItemVectors) -> [B, d]``.
+    """
+
+    item_keys: Tensor | None
+
+    def __init__(self, block: HistoryBlock, embedding_dim: int, max_history: int,
+                 item_keys: Tensor | None = None) -> None:
+        super().__init__()
+        if max_history < 1:
+            raise ValueError(f"HistoryArch: max_history must be >= 1, got {max_history}")
+        if item_keys is not None and item_keys.ndim != 1:
+            raise ValueError(f"HistoryArch: item_keys must be [I], got shape {tuple(item_keys.shape)}")
+        self.block = block
+        self.embedding_dim, self.max_history = embedding_dim, max_history
+        self.projection = nn.Linear(block.output_dim, embedding_dim) if block.output_dim != embedding_dim else None
+        self.register_buffer("item_keys", None if item_keys is None else item_keys.long().clone())
+
+    def forward(self, items: ItemVectors) -> Tensor:
+        lengths = items.history_lengths
+        history, mask = jagged_to_padded(JaggedTensor(values=items.history, lengths=lengths), self.max_history)
+        ages = None
+        if items.history_ages is not None:
+            ages, _ = jagged_to_padded(JaggedTensor(values=items.history_ages, lengths=lengths), self.max_history)
+        keys, candidate_key = None, None
+        if self.item_keys is not None:
+            padded, _ = jagged_to_padded(JaggedTensor(values=self.item_keys[items.history_ids].float(),
+                                                      lengths=lengths), self.max_history)
+            keys, candidate_key = padded.long(), self.item_keys[items.candidate_ids]
+        out = self.block(history, mask, items.candidate, history_timestamps=ages, history_keys=keys,
+                         candidate_key=candidate_key)
+        return out if self.projection is None else self.projection(out)
+
+
+class ContentArch(nn.Module):
+    """The candidate's frozen content embedding ``[I, Dc]`` (a buffer) through a 2-layer MLP: item ids ``[B]`` ->
+    ``[B, d]``."""
+
+    content: Tensor
+
+    def __init__(self, content: Tensor, embedding_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("content", content.float())
+        self.embedding_dim = embedding_dim
+        self.mlp = nn.Sequential(nn.Linear(content.shape[1], embedding_dim), nn.ReLU(),
+                                 nn.Linear(embedding_dim, embedding_dim))
+
+    def forward(self, item_ids: Tensor) -> Tensor:
+        return self.mlp(self.content[item_ids])
+
+
+class SidDLRM(nn.Module):
+    """DLRM-style CTR model with SID item representations and a history block; see the module docstring.
+
+    The notation of ``torchrec.models.dlrm.DLRM``: B examples, F dense features, d the embedding dimension (of
+    every table, the item arch and the dense arch's output).
+
+    Args:
+        embedding_bag_collection: the pooled features' tables (``sparse_arch``), all ``d``-wide.
+        item_arch: the candidate and history item vectors.
+        dense_in_features: F.
+        dense_arch_layer_sizes: the dense arch's layer sizes; the last is d.
+        over_arch_layer_sizes: the over arch's layer sizes; the last is 1 (one logit).
+        history_arch: the user-history block (None: none).
+        content_arch: candidate item ids ``[B]`` -> ``[B, d]`` (None: none).
+
+    Example::
+
+        D = 8
+        # 4 ads with 2-level SIDs; a request is a viewer country, an ad and the ads watched before it
+        sids = SemanticIds(torch.tensor([[0, 1], [1, 0], [1, 1], [2, 0]]), [3, 2], "rq_kmeans", {})
+        transform = SidFeatureTransform(sids, ["ad_id", "watched_ad_ids"])
+        tables = [EmbeddingConfig(name="ad", embedding_dim=D, num_embeddings=4,
+                                  feature_names=["ad_id", "watched_ad_ids"]), *transform.embedding_configs(D)]
+        item_arch = ItemArch("ad_id", "watched_ad_ids", D, transform=transform,
+                             embedding_collection=EmbeddingCollection(tables=tables))
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="country", embedding_dim=D,
+                                                                num_embeddings=10, feature_names=["viewer_country"])])
+        model = SidDLRM(ebc, item_arch, dense_in_features=3, dense_arch_layer_sizes=[16, D],
+                        over_arch_layer_sizes=[16, 1], history_arch=HistoryArch(DIN(D), D, max_history=5))
+        # 2 requests: viewer_country [[7], [2]], ad_id [[3], [0]], watched_ad_ids [[0, 2], []]
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["viewer_country", "ad_id", "watched_ad_ids"], values=torch.tensor([7, 2, 3, 0, 0, 2]),
+            lengths=torch.tensor([1, 1, 1, 1, 2, 0]))
+        model(torch.rand(2, 3), features)  # logits [2]
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        item_arch: ItemArch,
+        dense_in_features: int,
+        dense_arch_layer_sizes: Sequence[int],
+        over_arch_layer_sizes: Sequence[int],
+        history_arch: HistoryArch | None = None,
+        content_arch: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        d = item_arch.embedding_dim
+        widths = {c.name: c.embedding_dim for c in embedding_bag_collection.embedding_bag_configs()}
+        if not widths:
+            raise ValueError("SidDLRM: embedding_bag_collection has no table; at least one pooled feature is needed")
+        if set(widths.values()) != {d}:
+            raise ValueError(f"SidDLRM: every pooled table must be item_arch.embedding_dim = {d}-d, got {widths}")
+        if not dense_arch_layer_sizes or dense_arch_layer_sizes[-1] != d:
+            raise ValueError(f"SidDLRM: the last dense arch layer must be embedding_dim {d}, got "
+                             f"{list(dense_arch_layer_sizes)}")
+        if not over_arch_layer_sizes or over_arch_layer_sizes[-1] != 1:
+            raise ValueError(f"SidDLRM: the last over arch layer must be 1 (the logit), got "
+                             f"{list(over_arch_layer_sizes)}")
+        if history_arch is not None and history_arch.embedding_dim != d:
+            raise ValueError(f"SidDLRM: history_arch is {history_arch.embedding_dim}-d, item_arch {d}-d")
+        self.sparse_arch = SparseArch(embedding_bag_collection)
+        self.dense_arch = DenseArch(dense_in_features, list(dense_arch_layer_sizes))
+        self.item_arch = item_arch
+        self.content_arch = content_arch
+        self.history_arch = history_arch
+        num_vectors = (len(self.sparse_arch.sparse_feature_names) + 1 + int(content_arch is not None)
+                       + int(history_arch is not None))
+        self.interaction_arch = InteractionArch(num_sparse_features=num_vectors)
+        self.over_arch = OverArch(d + num_vectors * (num_vectors + 1) // 2, list(over_arch_layer_sizes))
+
+    def forward(self, dense_features: Tensor, sparse_features: KeyedJaggedTensor) -> Tensor:
+        """Logits of a batch.
+
+        Args:
+            dense_features: ``[B, F]`` float.
+            sparse_features: a KJT of B examples with the pooled features of ``embedding_bag_collection`` and the
+                item arch's features among its keys (others are ignored).
+
+        Returns:
+            ``[B]`` logits.
+        """
+        items = self.item_arch(sparse_features)
+        vectors = [self.sparse_arch(sparse_features), items.candidate.unsqueeze(1)]  # [B, F_pooled, d], [B, 1, d]
+        if self.content_arch is not None:
+            vectors.append(self.content_arch(items.candidate_ids).unsqueeze(1))
+        if self.history_arch is not None:
+            vectors.append(self.history_arch(items).unsqueeze(1))
+        interactions = self.interaction_arch(self.dense_arch(dense_features), torch.cat(vectors, dim=1))
+        return self.over_arch(interactions).squeeze(-1)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, schema: FeatureSchema, semantic_ids: SemanticIds | None = None,
+                    signals: dict[str, Tensor] | None = None, tokenizer: SoftIndexTokenizer | None = None,
+                    trained_items: Tensor | None = None) -> SidDLRM:
+        """The model a YAML ``model:`` section describes, for the features of ``schema``.
+
+        Args:
+            config: the model config (representations, history block, sizes).
+            schema: the KJT's feature names and sizes (for the demo data:
+                :func:`torchrec_sid.models.factory.catalog_schema`).
+            semantic_ids: SIDs of the items, row i = item i (needed by ``sid``, ``side`` and SIM's search keys).
+            signals: the items' content ``{m: [I, D_m]}``: ``text`` for ``config.content``, the tokenizer's
+                modalities for ``soft_sid``.
+            tokenizer: the stage-1 MMQ tokenizer (needed by ``soft_sid``; trained in place).
+            trained_items: ``[I]`` bool, items whose id rows training updates (see :class:`ItemArch`; None: all).
+        """
+        check_model_inputs(config, schema.num_items, semantic_ids, signals, tokenizer)
+        d = config.embedding_dim
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=name, embedding_dim=d, num_embeddings=size, feature_names=[name])
+            for name, size in schema.pooled_features.items()
+        ])
+        item_arch = _item_arch(config, schema, semantic_ids, signals or {}, tokenizer, trained_items)
+        content_arch = ContentArch((signals or {})["text"], d) if config.content else None
+        block = build_history_block(config.history_block, d, dict(config.history_options))
+        history_arch = None
+        if block is not None:  # SIM searches the history for the candidate's first SID level
+            keys = semantic_ids.codes[:, 0] if isinstance(block, SIM) and semantic_ids is not None else None
+            history_arch = HistoryArch(block, d, config.max_history, keys)
+        return cls(ebc, item_arch, schema.dense_in_features, [*config.dense_layers, d], [*config.over_layers, 1],
+                   history_arch, content_arch)
+
+
+def _item_arch(config: ModelConfig, schema: FeatureSchema, semantic_ids: SemanticIds | None,
+               signals: dict[str, Tensor], tokenizer: SoftIndexTokenizer | None,
+               trained_items: Tensor | None) -> ItemArch:
+    reps, d = config.item_representation, config.embedding_dim
+    item_features = [schema.item_feature, schema.history_feature]
+    if trained_items is not None and trained_items.shape != (schema.num_items,):
+        raise ValueError(f"trained_items must be [{schema.num_items}], got {tuple(trained_items.shape)}")
+    tables: list[EmbeddingConfig] = []
+    if "id" in reps:
+        tables.append(EmbeddingConfig(name="item_id", embedding_dim=d, num_embeddings=schema.num_items,
+                                      feature_names=list(item_features)))
+    transform = None
+    if "sid" in reps and semantic_ids is not None:
+        tokens = config.sid_tokens
+        transform = SidFeatureTransform(semantic_ids, item_features, ngram_orders=tokens.ngram_orders,
+                                        prefix_lengths=tokens.prefix_lengths, num_levels=tokens.num_levels,
+                                        max_table_size=tokens.max_table_size)
+        tables += transform.embedding_configs(d)
+    side, packed = None, None
+    if "side" in reps and semantic_ids is not None:
+        # the quantizer's own levels: a collision-suffix level only numbers duplicates, it has no order
+        levels = semantic_ids.num_levels - int(bool(semantic_ids.config.get("collision_suffix")))
+        side = SIDEmbedding.from_semantic_ids(semantic_ids, d, num_levels=levels)
+        packed = pack_codes(semantic_ids.codes[:, :levels], semantic_ids.cardinalities[:levels])
+    soft_sid = None
+    if "soft_sid" in reps and tokenizer is not None:
+        soft = config.soft_sid
+        soft_sid = SoftSidEmbedding(tokenizer, {m: signals[m] for m in tokenizer.dims}, d, soft.tau,
+                                    soft.recon_weight, soft.aux_weight)
+    with_history = config.history_block != "none"
+    return ItemArch(schema.item_feature, schema.history_feature, d,
+                    embedding_collection=EmbeddingCollection(tables=tables) if tables else None,
+                    transform=transform, side=side, side_packed_ids=packed, soft_sid=soft_sid,
+                    history_timestamp_feature=schema.history_timestamp_feature if with_history else None,
+                    timestamp_feature=schema.timestamp_feature if with_history else None,
+                    trained_items=trained_items if "id" in reps else None, id_dropout=config.id_dropout)
 
 
 def build_history_block(name: str, embedding_dim: int, options: dict[str, Any]) -> HistoryBlock | None:
@@ -157,214 +466,46 @@ def build_history_block(name: str, embedding_dim: int, options: dict[str, Any]) 
         raise ValueError(f"model.history_options for {name!r}: {e}") from e
 
 
-class ItemArch(nn.Module):
-    """Candidate and history item vectors from id tables, SID token tables and/or SIDE, summed.
-
-    Args:
-        config: the model config.
-        num_items: I, rows of the id table.
-        semantic_ids: the items' SIDs (row i = item i), for ``sid`` and ``side``.
-        tokenizer: the stage-1 MMQ tokenizer, for ``soft_sid`` (trained in place).
-        signals: the items' content ``{m: [I, D_m]}``, for ``soft_sid``.
-        trained_items: ``[I]`` bool, the items whose id rows training updates (None: all). The id vector of
-            any other item is zero, as for an id outside the vocabulary: an untrained row is random noise.
-
-    ``forward(features)`` -> ``(candidate [B, d], history values [sum L, d])``, the history in ``features``'
-    ``history_item_ids`` layout.
-    """
-
-    def __init__(self, config: ModelConfig, num_items: int, semantic_ids: SemanticIds | None,
-                 tokenizer: SoftIndexTokenizer | None = None, signals: dict[str, Tensor] | None = None,
-                 trained_items: Tensor | None = None) -> None:
-        super().__init__()
-        reps, d = config.item_representation, config.embedding_dim
-        if trained_items is not None and trained_items.shape != (num_items,):
-            raise ValueError(f"trained_items must be [{num_items}], got {tuple(trained_items.shape)}")
-        self.register_buffer("id_known", torch.ones(num_items, dtype=torch.bool) if trained_items is None
-                             else trained_items.bool().clone())
-        self.id_dropout = config.id_dropout
-        item_features = [ITEM_ID, HISTORY_ITEM_IDS]
-        tables: list[EmbeddingConfig] = []
-        if "id" in reps:
-            tables.append(EmbeddingConfig(name="item_id", embedding_dim=d, num_embeddings=num_items,
-                                          feature_names=list(item_features)))
-        self.transform: SidFeatureTransform | None = None
-        if "sid" in reps:
-            tokens = config.sid_tokens
-            self.transform = SidFeatureTransform(semantic_ids, item_features, ngram_orders=tokens.ngram_orders,
-                                                 prefix_lengths=tokens.prefix_lengths, num_levels=tokens.num_levels,
-                                                 max_table_size=tokens.max_table_size)
-            tables += self.transform.embedding_configs(d)
-        self.candidate_features: list[str] = [f for t in tables for f in t.feature_names if f.startswith(ITEM_ID)]
-        self.history_features: list[str] = [f for t in tables for f in t.feature_names
-                                             if f.startswith(HISTORY_ITEM_IDS)]
-        self.embedding_collection = EmbeddingCollection(tables=tables) if tables else None
-        self.side: SIDEmbedding | None = None
-        if "side" in reps:
-            # the quantizer's own levels: a collision-suffix level only numbers duplicates, it has no order
-            levels = semantic_ids.num_levels - int(bool(semantic_ids.config.get("collision_suffix")))
-            self.side = SIDEmbedding.from_semantic_ids(semantic_ids, d, num_levels=levels)
-            self.register_buffer("item_packed", pack_codes(semantic_ids.codes[:, :levels],
-                                                           semantic_ids.cardinalities[:levels]))
-        self.soft_sid: SoftSidEmbedding | None = None
-        if "soft_sid" in reps:
-            soft = config.soft_sid
-            self.soft_sid = SoftSidEmbedding(tokenizer, signals, d, soft.tau, soft.recon_weight, soft.aux_weight)
-        self.embedding_dim = d
-
-    def forward(self, features: KeyedJaggedTensor) -> tuple[Tensor, Tensor]:
-        candidate_ids = features[ITEM_ID].values()
-        history_ids = features[HISTORY_ITEM_IDS].values()
-        # new_zeros, not torch.zeros(ids.size(0), ...): fx traces it (TrainPipelineSparseDist traces the model)
-        candidate = candidate_ids.new_zeros((candidate_ids.size(0), self.embedding_dim), dtype=torch.float32)
-        history = history_ids.new_zeros((history_ids.size(0), self.embedding_dim), dtype=torch.float32)
-        if self.embedding_collection is not None:
-            if self.transform is not None:
-                features = self.transform(features)
-            embedded = self.embedding_collection(features)
-            for name in self.candidate_features:
-                rows = embedded[name].values()
-                candidate = candidate + (rows * self._id_mask(candidate_ids) if name == ITEM_ID else rows)
-            for name in self.history_features:
-                rows = embedded[name].values()
-                history = history + (rows * self._id_mask(history_ids) if name == HISTORY_ITEM_IDS else rows)
-        if self.side is not None:
-            candidate = candidate + self.side(self.item_packed[candidate_ids])
-            history = history + self.side(self.item_packed[history_ids])
-        if self.soft_sid is not None:  # one call, so the tokenizer's regulariser enters the loss once
-            both = self.soft_sid(torch.cat([candidate_ids, history_ids]))
-            candidate = candidate + both[: candidate_ids.size(0)]
-            history = history + both[candidate_ids.size(0):]
-        return candidate, history
-
-    def _id_mask(self, ids: Tensor) -> Tensor:
-        """``[N, 1]``: 1 where the id vector counts, 0 for untrained ids and (in training) dropped ones."""
-        keep = self.id_known[ids]
-        if self.training and self.id_dropout > 0:
-            keep = keep & (torch.rand(ids.shape, device=ids.device) >= self.id_dropout)
-        return keep.unsqueeze(1).to(torch.float32)
-
-
-class ContentArch(nn.Module):
-    """The candidate's frozen text embedding ``[I, Dc]`` (a buffer) through a 2-layer MLP to ``[B, d]``."""
-
-    def __init__(self, content: Tensor, embedding_dim: int) -> None:
-        super().__init__()
-        self.register_buffer("content", content.float())
-        self.mlp = nn.Sequential(nn.Linear(content.shape[1], embedding_dim), nn.ReLU(),
-                                 nn.Linear(embedding_dim, embedding_dim))
-
-    def forward(self, item_ids: Tensor) -> Tensor:
-        return self.mlp(self.content[item_ids])
-
-
-class SidDLRM(nn.Module):
-    """DLRM-style CTR model over a :mod:`torchrec_sid.data.batches` batch; see the module docstring for the arches.
-
-    Args:
-        config: the model config.
-        catalog: the data source's catalogue (feature names and cardinalities).
-        semantic_ids: SIDs of the catalogue's items (needed by ``sid``, ``side`` and the SIM block's search keys).
-        signals: the items' content ``{m: [I, D_m]}``: ``text`` for ``config.content``, the tokenizer's
-            modalities for ``soft_sid``.
-        tokenizer: the stage-1 MMQ tokenizer (needed by ``soft_sid``).
-        trained_items: ``[I]`` bool, items whose id rows training updates (see :class:`ItemArch`; None: all).
-
-    ``forward(dense_features [B, F], sparse_features KJT) -> logits [B]``.
-
-    Example::
-
-        data = movielens.load().interactions()
-        model = SidDLRM(ModelConfig(item_representation=("id", "sid"), history_block="din"), data.catalog, sids)
-        batch = next(iter(CtrBatches(data, "train", batch_size=8, max_history=50)))
-        model(batch.dense_features, batch.sparse_features)  # [8]
-    """
-
-    def __init__(self, config: ModelConfig, catalog: Catalog, semantic_ids: SemanticIds | None = None,
-                 signals: dict[str, Tensor] | None = None, tokenizer: SoftIndexTokenizer | None = None,
-                 trained_items: Tensor | None = None) -> None:
-        super().__init__()
-        check_model_inputs(config, catalog, semantic_ids, signals, tokenizer)
-        d = config.embedding_dim
-        cards = catalog.sparse_cardinalities()
-        pooled = [USER_ID, *catalog.user_features, ITEM_GENRES]
-        self.sparse_arch = SparseArch(EmbeddingBagCollection(tables=[
-            EmbeddingBagConfig(name=name, embedding_dim=d, num_embeddings=cards[name], feature_names=[name])
-            for name in pooled
-        ]))
-        self.dense_arch = DenseArch(catalog.num_dense, [*config.dense_layers, d])
-        self.item_arch = ItemArch(config, catalog.num_items, semantic_ids, tokenizer, signals, trained_items)
-        self.content_arch = ContentArch(signals["text"], d) if config.content else None
-        self.history_arch = build_history_block(config.history_block, d, dict(config.history_options))
-        self.history_projection = (nn.Linear(self.history_arch.output_dim, d)
-                                   if self.history_arch is not None and self.history_arch.output_dim != d else None)
-        self.register_buffer("item_keys", torch.from_numpy(_search_keys(catalog, semantic_ids)))
-        self.max_history = config.max_history
-        num_vectors = len(pooled) + 1 + int(self.content_arch is not None) + int(self.history_arch is not None)
-        self.interaction_arch = InteractionArch(num_sparse_features=num_vectors)
-        self.over_arch = OverArch(d + num_vectors * (num_vectors + 1) // 2, [*config.over_layers, 1])
-
-    def forward(self, dense_features: Tensor, sparse_features: KeyedJaggedTensor) -> Tensor:
-        candidate, history_values = self.item_arch(sparse_features)
-        vectors = [self.sparse_arch(sparse_features), candidate.unsqueeze(1)]
-        if self.content_arch is not None:
-            vectors.append(self.content_arch(sparse_features[ITEM_ID].values()).unsqueeze(1))
-        if self.history_arch is not None:
-            vectors.append(self._history(sparse_features, candidate, history_values).unsqueeze(1))
-        interactions = self.interaction_arch(self.dense_arch(dense_features), torch.cat(vectors, dim=1))
-        return self.over_arch(interactions).squeeze(-1)
-
-    def _history(self, features: KeyedJaggedTensor, candidate: Tensor, history_values: Tensor) -> Tensor:
-        ids = features[HISTORY_ITEM_IDS]
-        lengths = ids.lengths()
-        history, mask = jagged_to_padded(JaggedTensor(values=history_values, lengths=lengths), self.max_history)
-        # event ages in seconds before the request (float32 keeps them exact to a few seconds) and SIM search keys
-        request = torch.repeat_interleave(features[TIMESTAMP].values(), lengths)
-        ages, _ = jagged_to_padded(
-            JaggedTensor(values=(features[HISTORY_TIMESTAMPS].values() - request).float(), lengths=lengths),
-            self.max_history)
-        keys, _ = jagged_to_padded(JaggedTensor(values=self.item_keys[ids.values()].float(), lengths=lengths),
-                                   self.max_history)
-        out = self.history_arch(history, mask, candidate, history_timestamps=ages, history_keys=keys.long(),
-                                candidate_key=self.item_keys[features[ITEM_ID].values()])
-        return out if self.history_projection is None else self.history_projection(out)
-
-
-def _search_keys(catalog: Catalog, semantic_ids: SemanticIds | None) -> np.ndarray:
-    """Per-item key for SIM's hard search ``[I]``: the first SID level when SIDs are given, else the first genre."""
-    if semantic_ids is not None:
-        return semantic_ids.codes[:, 0].numpy().astype(np.int64)
-    genres = np.asarray(catalog.item_genres)
-    return np.where(genres.any(1), genres.argmax(1), len(catalog.genre_names)).astype(np.int64)
-
-
-def check_model_inputs(config: ModelConfig, catalog: Catalog, semantic_ids: SemanticIds | None,
+def check_model_inputs(config: ModelConfig, num_items: int, semantic_ids: SemanticIds | None,
                        signals: dict[str, Tensor] | None, tokenizer: SoftIndexTokenizer | None) -> None:
     """Raises ValueError, naming the field, when the config and the artifacts given do not fit together."""
     if config.needs_semantic_ids and semantic_ids is None:
         raise ValueError(f"model.item_representation {list(config.item_representation)} / history_block "
                          f"{config.history_block!r} needs semantic IDs (train.semantic_ids)")
-    if semantic_ids is not None and semantic_ids.num_items != catalog.num_items:
-        raise ValueError(f"train.semantic_ids has {semantic_ids.num_items} items, the data has {catalog.num_items}")
+    if semantic_ids is not None and semantic_ids.num_items != num_items:
+        raise ValueError(f"train.semantic_ids has {semantic_ids.num_items} items, the data has {num_items}")
     needed = {"text"} if config.content else set()
     if "soft_sid" in config.item_representation:
         if tokenizer is None:
             raise ValueError("model.item_representation has soft_sid, which needs an MMQ tokenizer (train.tokenizer)")
         needed |= set(tokenizer.dims)
-    missing = sorted(needed - set(signals or {}))
+    given = signals or {}
+    missing = sorted(needed - set(given))
     if missing:
-        raise ValueError(f"model.content / soft_sid need the content signal(s) {missing}; given "
-                         f"{sorted(signals or {})}")
+        raise ValueError(f"model.content / soft_sid need the content signal(s) {missing}; given {sorted(given)}")
     for m in needed:
-        x = signals[m]
-        if x.ndim != 2 or x.shape[0] != catalog.num_items:
-            raise ValueError(f"content signal {m!r} must be [{catalog.num_items}, D], got {tuple(x.shape)}")
+        x = given[m]
+        if x.ndim != 2 or x.shape[0] != num_items:
+            raise ValueError(f"content signal {m!r} must be [{num_items}, D], got {tuple(x.shape)}")
+
+
+def embedding_collections(model: nn.Module) -> list[EmbeddingCollection | EmbeddingBagCollection]:
+    """The model's ``EmbeddingCollection`` and ``EmbeddingBagCollection`` modules: its tables, which
+    DistributedModelParallel shards (SIDE and soft-SID parameters are dense)."""
+    return [m for m in model.modules() if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection))]
+
+
+def table_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of :func:`embedding_collections` ``(model)``, each once."""
+    seen: dict[int, nn.Parameter] = {}
+    for collection in embedding_collections(model):
+        for p in collection.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameters in embedding tables and elsewhere (dense), of an unsharded model."""
-    tables = sum(p.numel() for n, p in model.named_parameters()
-                 if "embedding_collection" in n or "embedding_bag_collection" in n)
+    """Parameters in embedding tables (:func:`table_parameters`) and elsewhere (dense), of an unsharded model."""
+    tables = sum(p.numel() for p in table_parameters(model))
     total = sum(p.numel() for p in model.parameters())
     return {"embedding": tables, "dense": total - tables, "total": total}
-

@@ -120,7 +120,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     SAFE_MODULES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "torch.distributed.tensor.")
     SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-            ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+            ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
+            ("builtins", "frozenset")}
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith(self.SAFE_MODULES) or (module, name) in self.SAFE or (

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from torchrec_sid.data.synthetic import SyntheticConfig
-from torchrec_sid.models.dlrm import ModelConfig, SidTokenConfig, SoftSidConfig
+from torchrec_sid.models.configs import ModelConfig, SidTokenConfig, SoftSidConfig
 
 DATA_SOURCES = ("movielens", "synthetic")
 
@@ -30,7 +30,7 @@ class TrainConfig:
         export_semantic_ids: after training, write the fine-tuned tokenizer's SIDs of every item here (a
             ``SemanticIds`` file with a collision suffix level, plus the tokenizer as ``<stem>.quantizer.safetensors``
             next to it); needs ``soft_sid``.
-        model: :class:`~torchrec_sid.models.dlrm.ModelConfig` fields.
+        model: :class:`~torchrec_sid.models.configs.ModelConfig` fields.
         batch_size: examples per batch on each process.
         epochs: passes over the training split.
         learning_rate: Adam's, for the dense parameters.
@@ -97,7 +97,7 @@ class TrainConfig:
         _check_keys(model, ModelConfig, f"{where}: model")
         if "sid_tokens" in model:
             _check_keys(model["sid_tokens"], SidTokenConfig, f"{where}: model.sid_tokens")
-            tokens = {k: tuple(v) if isinstance(v, list) else v for k, v in model["sid_tokens"].items()}
+            tokens: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in model["sid_tokens"].items()}
             model["sid_tokens"] = SidTokenConfig(**tokens)
         if "soft_sid" in model:
             _check_keys(model["soft_sid"], SoftSidConfig, f"{where}: model.soft_sid")

@@ -17,7 +17,7 @@ import os
 import tempfile
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,8 +37,10 @@ from tqdm import tqdm
 
 from torchrec_sid.data.batches import CtrBatches, InteractionData
 from torchrec_sid.io import atomic_write_json
-from torchrec_sid.models.dlrm import SidDLRM, count_parameters
+from torchrec_sid.models.dlrm import SidDLRM, count_parameters, table_parameters
+from torchrec_sid.models.factory import from_catalog
 from torchrec_sid.modules import SoftSidEmbedding
+from torchrec_sid.modules.soft_sid import SoftIndexTokenizer
 from torchrec_sid.quantizers.metrics import perplexity, utilization
 from torchrec_sid.quantizers.mmq import MMQ
 from torchrec_sid.sid import SemanticIds
@@ -70,15 +72,18 @@ def build_model(config: TrainConfig, data: InteractionData, signals: dict[str, T
     """The unsharded model, initialised from ``config.seed`` (so every process builds the same one); ids of items
     the training split never shows are out of its vocabulary."""
     semantic_ids = SemanticIds.load(config.semantic_ids) if config.semantic_ids else None
-    tokenizer = MMQ.load(config.tokenizer).model_ if config.tokenizer else None
+    # the protocol's static types do not see MMQTokenizer's ModuleList of codebooks as a Sequence[nn.Embedding]
+    tokenizer = cast(SoftIndexTokenizer, MMQ.load(config.tokenizer).model_) if config.tokenizer else None
     torch.manual_seed(config.seed)
     trained = torch.from_numpy(data.trained_items(config.model.max_history))
-    return SidDLRM(config.model, data.catalog, semantic_ids, signals, tokenizer, trained)
+    return from_catalog(config.model, data.catalog, semantic_ids, signals, tokenizer, trained)
 
 
 def export_semantic_ids(model: nn.Module, config: TrainConfig) -> SemanticIds:
     """Writes the fine-tuned tokenizer of ``model``'s ``soft_sid`` and its hard SIDs of every item (with a collision
     suffix level) to ``config.export_semantic_ids``; returns the SIDs."""
+    if config.tokenizer is None or config.export_semantic_ids is None:
+        raise ValueError("exporting fine-tuned SIDs needs train.tokenizer and train.export_semantic_ids")
     soft = next(m for m in model.modules() if isinstance(m, SoftSidEmbedding))
     quantizer = MMQ.load(config.tokenizer)
     quantizer.model_ = soft.tokenizer.eval()
@@ -86,7 +91,7 @@ def export_semantic_ids(model: nn.Module, config: TrainConfig) -> SemanticIds:
     metrics = {"utilization": utilization(codes, quantizer.cardinalities),
                "perplexity": perplexity(codes, quantizer.cardinalities), "collision_rate": collision_rate(codes)}
     sids = SemanticIds(codes, quantizer.cardinalities, quantizer.name,
-                       {**quantizer.config(), "finetuned_from": config.tokenizer, "finetune_run": config.name},
+                       {**quantizer.get_params(), "finetuned_from": config.tokenizer, "finetune_run": config.name},
                        metrics).with_collision_suffix()
     sids.save(config.export_semantic_ids)
     quantizer.save(quantizer_path(config.export_semantic_ids))
@@ -100,7 +105,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         if "WORLD_SIZE" in os.environ:
             dist.init_process_group("nccl" if cuda else "gloo")
         else:
-            store = tempfile.NamedTemporaryFile(prefix="torchrec_sid_pg_", delete=False).name
+            with tempfile.NamedTemporaryFile(prefix="torchrec_sid_pg_", delete=False) as f:
+                store = f.name
             dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
     rank = dist.get_rank()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() \
@@ -111,9 +117,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def shard(model: nn.Module, config: TrainConfig, world_size: int, device: torch.device,
           ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Plans and shards the model's embedding collections; returns it with its (fused + dense) optimizer."""
-    tables = [p for name, p in model.named_parameters()
-              if "embedding_collection" in name or "embedding_bag_collection" in name]
-    apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": config.embedding_learning_rate})
+    apply_optimizer_in_backward(RowWiseAdagrad, table_parameters(model), {"lr": config.embedding_learning_rate})
     sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     topology = Topology(world_size=world_size, compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=config.batch_size)
@@ -160,16 +164,7 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     writer = SummaryWriter(str(out / "tensorboard")) if rank == 0 else None
     train = CtrBatches(data, "train", config.batch_size, max_history=config.model.max_history, shuffle=True,
                        seed=config.seed, rank=rank, world_size=world_size)
-    progress = {"epoch": 0, "batch": 0, "step": 0}
-    found = checkpoint.latest(out / "checkpoints") if config.resume else None
-    if found is not None:
-        optimizer.init_state()  # Adam has no state before its first step: create it, so DCP can load into it
-        state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
-        progress = checkpoint.load(found, state)
-        dmp.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        logger.info("resumed from %s at epoch %d, batch %d", found, progress["epoch"], progress["batch"])
-
+    progress = _resume(dmp, optimizer, out) if config.resume else {"epoch": 0, "batch": 0, "step": 0}
     steps_per_epoch = len(train)
     total_steps = config.epochs * steps_per_epoch if config.max_steps is None else config.max_steps
     examples, train_seconds = 0, 0.0
@@ -189,7 +184,8 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if writer is not None:
                     writer.add_scalar("train/loss", loss.item(), progress["step"])
-                    if soft_sid is not None:  # MMQ stage 2: the tokenizer's reconstruction terms, also minimised
+                    if soft_sid is not None and soft_sid.last_regulariser is not None:  # MMQ stage 2: the
+                        # tokenizer's reconstruction terms, also minimised
                         writer.add_scalar("train/tokenizer_regulariser", soft_sid.last_regulariser.item(),
                                           progress["step"])
                 if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0:
@@ -203,14 +199,7 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     logger.info("train pipeline: %s", pipelined)
     detach(pipeline)  # the model's own forwards again, for evaluation
 
-    metrics = {}
-    for split in config.eval_splits:
-        batches = CtrBatches(data, split, config.batch_size, max_history=config.model.max_history, rank=rank,
-                             world_size=world_size)
-        metrics[split] = evaluate(dmp, batches, device)
-        if writer is not None:
-            for key in ("auc", "ne", "logloss"):
-                writer.add_scalar(f"{split}/{key}", metrics[split][key], progress["step"])
+    metrics = _evaluate_splits(dmp, data, config, rank, world_size, device, writer, progress["step"])
     if writer is not None:
         writer.close()
     if rank != 0:
@@ -230,6 +219,34 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         results["exported_semantic_ids"] = {"path": config.export_semantic_ids, "metrics": exported.metrics}
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def _resume(dmp: nn.Module, optimizer: CombinedOptimizer, out: Path) -> dict[str, int]:
+    """Loads the newest checkpoint under ``out`` into ``dmp`` and ``optimizer``; its progress (zeros if none)."""
+    found = checkpoint.latest(out / "checkpoints")
+    if found is None:
+        return {"epoch": 0, "batch": 0, "step": 0}
+    optimizer.init_state()  # Adam has no state before its first step: create it, so DCP can load into it
+    state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
+    progress = checkpoint.load(found, state)
+    dmp.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("resumed from %s at epoch %d, batch %d", found, progress["epoch"], progress["batch"])
+    return progress
+
+
+def _evaluate_splits(dmp: nn.Module, data: InteractionData, config: TrainConfig, rank: int, world_size: int,
+                     device: torch.device, writer: SummaryWriter | None, step: int) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` on every split of ``config.eval_splits``, logged to ``writer`` at ``step``."""
+    metrics = {}
+    for split in config.eval_splits:
+        batches = CtrBatches(data, split, config.batch_size, max_history=config.model.max_history, rank=rank,
+                             world_size=world_size)
+        metrics[split] = evaluate(dmp, batches, device)
+        if writer is not None:
+            for key in ("auc", "ne", "logloss"):
+                writer.add_scalar(f"{split}/{key}", metrics[split][key], step)
+    return metrics
 
 
 def _checkpoint(dmp: nn.Module, optimizer: CombinedOptimizer, out: Path, progress: dict[str, int]) -> None:

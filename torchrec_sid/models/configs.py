@@ -1,0 +1,143 @@
+"""The settings of :meth:`SidDLRM.from_config <torchrec_sid.models.dlrm.SidDLRM.from_config>`: the model's shape
+(:class:`ModelConfig`, one YAML ``model:`` section) and the KJT it reads (:class:`FeatureSchema`).
+
+Nothing here knows a data source: a :class:`FeatureSchema` names any team's features (the demo's is
+:func:`torchrec_sid.models.factory.catalog_schema`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ITEM_REPRESENTATIONS = ("id", "sid", "side", "soft_sid")
+HISTORY_BLOCKS = ("none", "pooling", "pma", "din", "sim", "dmqn")
+
+
+@dataclass(frozen=True)
+class SidTokenConfig:
+    """Which SID tokens ``item_arch`` looks up (see :class:`~torchrec_sid.modules.SidFeatureTransform`)."""
+
+    ngram_orders: tuple[int, ...] = (1,)
+    prefix_lengths: tuple[int, ...] = ()
+    num_levels: int | None = None
+    max_table_size: int = 2**20
+
+
+@dataclass(frozen=True)
+class SoftSidConfig:
+    """MMQ stage 2 (``soft_sid``): soft-index temperature and the weights of the tokenizer's reconstruction
+    (alpha') and auxiliary (beta') losses (see :class:`~torchrec_sid.modules.SoftSidEmbedding`).
+
+    The defaults keep stage 1's weights (12, 10). The paper's 0.5 / 0.5 let the ranking loss collapse one
+    expert's tokens onto a single code on MovieLens-100k (utilisation 1 / 64; collisions 31% -> 68%), at
+    tau = 0.1 and tau = 1 alike; with 12 / 10 every code stays in use.
+    """
+
+    tau: float = 0.1
+    recon_weight: float = 12.0
+    aux_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ValueError(f"model.soft_sid.tau must be > 0, got {self.tau}")
+        for name in ("recon_weight", "aux_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.soft_sid.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape; every field is checked before anything is built.
+
+    Args:
+        embedding_dim: d, the width of every feature vector.
+        item_representation: any non-empty combination of ``id``, ``sid``, ``side``, ``soft_sid`` (summed).
+        id_dropout: in training, the probability that an item's id vector is left out of its sum (so the SID
+            parts learn to stand for the item alone, as they must for an item the id table has not learnt).
+        sid_tokens: the SID token features, when ``sid`` is used.
+        soft_sid: the stage-2 settings, when ``soft_sid`` is used.
+        content: add the candidate's text embedding (needs the ``text`` signal at construction).
+        history_block: ``none``, ``pooling``, ``pma``, ``din``, ``sim`` or ``dmqn``.
+        history_options: constructor arguments of the history block (e.g. ``{"top_k": 50}`` for SIM).
+        max_history: most recent history events the block sees (the padded length L).
+        dense_layers: hidden sizes of the dense arch (its output is ``embedding_dim``).
+        over_layers: hidden sizes of the over arch (its output is one logit).
+    """
+
+    embedding_dim: int = 32
+    item_representation: tuple[str, ...] = ("id",)
+    id_dropout: float = 0.0
+    sid_tokens: SidTokenConfig = SidTokenConfig()
+    soft_sid: SoftSidConfig = SoftSidConfig()
+    content: bool = False
+    history_block: str = "pooling"
+    history_options: dict[str, Any] = field(default_factory=dict)
+    max_history: int = 50
+    dense_layers: tuple[int, ...] = (64,)
+    over_layers: tuple[int, ...] = (128, 64)
+
+    def __post_init__(self) -> None:
+        reps = tuple(self.item_representation)
+        if not reps or set(reps) - set(ITEM_REPRESENTATIONS) or len(set(reps)) != len(reps):
+            raise ValueError(f"model.item_representation must be distinct values of {ITEM_REPRESENTATIONS}, "
+                             f"got {list(reps)}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.id_dropout and "id" not in reps:
+            raise ValueError(f"model.id_dropout is {self.id_dropout} but item_representation {list(reps)} has no id")
+        if self.history_block not in HISTORY_BLOCKS:
+            raise ValueError(f"model.history_block must be one of {HISTORY_BLOCKS}, got {self.history_block!r}")
+        for name in ("embedding_dim", "max_history"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.history_options and self.history_block in ("none", "pooling"):
+            raise ValueError(f"model.history_options are given but history_block {self.history_block!r} "
+                             f"takes none: {self.history_options}")
+
+    @property
+    def needs_semantic_ids(self) -> bool:
+        return bool({"sid", "side"} & set(self.item_representation)) or self.history_block == "sim"
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """The features a :meth:`~torchrec_sid.models.dlrm.SidDLRM.from_config` model reads, by name and size.
+
+    Args:
+        pooled_features: KJT feature -> number of ids; each gets its own sum-pooled table in the model's
+            ``EmbeddingBagCollection`` (user id, user attributes, the candidate's categories, ...).
+        dense_in_features: F, the width of ``dense_features``.
+        num_items: I; item ids are in ``[0, I)``.
+        item_feature: the candidate's item id, exactly one value per example.
+        history_feature: the user's history item ids, oldest first (jagged, possibly empty).
+        history_timestamp_feature: the history events' times (same lengths as ``history_feature``), with
+            ``timestamp_feature``, the request's time (one per example): the history blocks get event ages. Both or
+            neither.
+    """
+
+    pooled_features: Mapping[str, int]
+    dense_in_features: int
+    num_items: int
+    item_feature: str
+    history_feature: str
+    history_timestamp_feature: str | None = None
+    timestamp_feature: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pooled_features:
+            raise ValueError("FeatureSchema: pooled_features is empty; the model needs at least one pooled feature")
+        small = {name: n for name, n in self.pooled_features.items() if n < 1}
+        if small:
+            raise ValueError(f"FeatureSchema: pooled feature sizes must be >= 1, got {small}")
+        for name in ("dense_in_features", "num_items"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FeatureSchema: {name} must be >= 1, got {getattr(self, name)}")
+        if (self.history_timestamp_feature is None) != (self.timestamp_feature is None):
+            raise ValueError("FeatureSchema: give history_timestamp_feature and timestamp_feature together, got "
+                             f"{self.history_timestamp_feature!r} and {self.timestamp_feature!r}")
+        clash = {self.item_feature, self.history_feature} & set(self.pooled_features)
+        if clash or self.item_feature == self.history_feature:
+            raise ValueError(f"FeatureSchema: item_feature {self.item_feature!r} and history_feature "
+                             f"{self.history_feature!r} must be distinct and not pooled features")
