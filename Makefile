@@ -25,7 +25,7 @@ endif
 INSTALL = pip install $(SHIM_ARG) -e '.[$(BUILD),$(EXTRAS)]'
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo check test bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile $(SHIM)/pyproject.toml
@@ -40,7 +40,11 @@ $(VENV)/.installed: pyproject.toml Makefile $(SHIM)/pyproject.toml
 demo: setup
 	$(BIN)/torchrec-sid demo
 
-test: setup
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: check
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -188,7 +188,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     cells = [[_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
     headers = [header for _, header, _ in columns]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    first_left = lambda i, s: s.ljust(widths[i]) if i == 0 else s.rjust(widths[i])  # noqa: E731
+    first_left = lambda i, s: s.ljust(widths[i]) if i == 0 else s.rjust(widths[i])
     lines = [] if title is None else [title]
     lines.append("  ".join(first_left(i, h) for i, h in enumerate(headers)))
     lines.append("  ".join("-" * w for w in widths))

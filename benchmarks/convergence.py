@@ -32,20 +32,20 @@ import os
 # (this 2-core machine is shared; see common.OMP_WAIT_NOTE)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import itertools
+import statistics
+import time
+from pathlib import Path
+from typing import Any
 
-import matplotlib  # noqa: E402
-import matplotlib.ticker  # noqa: E402
+import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from common import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from common import (
     RESULTS_DIR,
     format_table,
     movielens_embeddings,
@@ -54,10 +54,10 @@ from common import (  # noqa: E402
     synthetic_embeddings,
     write_json,
 )
-from torch import Tensor  # noqa: E402
+from torch import Tensor
 
-from torchrec_sid.quantizers import RQGMM, RQKMeans  # noqa: E402
-from torchrec_sid.quantizers.metrics import rmse  # noqa: E402
+from torchrec_sid.quantizers import RQGMM, RQKMeans
+from torchrec_sid.quantizers.metrics import rmse
 
 STYLE = {"rq_kmeans": ("tab:blue", "RQ-KMeans (Lloyd)"), "rq_gmm": ("tab:red", "RQ-GMM (10 k-means init + EM)"),
          "rq_gmm init_iter=0": ("tab:orange", "RQ-GMM (EM from k-means++ seeds)")}

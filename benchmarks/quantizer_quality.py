@@ -35,16 +35,16 @@ import os
 # (this 2-core machine is shared; see common.OMP_WAIT_NOTE)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import (  # noqa: E402
+import numpy as np
+import torch
+from common import (
     format_table,
     movielens_embeddings,
     set_threads,
@@ -52,10 +52,10 @@ from common import (  # noqa: E402
     synthetic_embeddings,
     write_json,
 )
-from torch import Tensor  # noqa: E402
+from torch import Tensor
 
-from torchrec_sid.quantizers import RQGMM, RQKMeans  # noqa: E402
-from torchrec_sid.quantizers.metrics import (  # noqa: E402
+from torchrec_sid.quantizers import RQGMM, RQKMeans
+from torchrec_sid.quantizers.metrics import (
     cosine_loss,
     perplexity,
     quality_report,
@@ -63,7 +63,7 @@ from torchrec_sid.quantizers.metrics import (  # noqa: E402
     rmse,
     utilization,
 )
-from torchrec_sid.sid.codes import add_collision_suffix, collision_rate  # noqa: E402
+from torchrec_sid.sid.codes import add_collision_suffix, collision_rate
 
 ITERATIONS = 30
 UTILIZATION_GOAL = 0.95

@@ -52,19 +52,19 @@ import os
 # (this 2-core machine is shared; see common.OMP_WAIT_NOTE)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import io
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import (  # noqa: E402
+import numpy as np
+import torch
+from common import (
     format_table,
     matmul_gflops,
     movielens_embeddings,
@@ -73,13 +73,13 @@ from common import (  # noqa: E402
     tiled_embeddings,
     write_json,
 )
-from torch import Tensor  # noqa: E402
+from torch import Tensor
 
-from torchrec_sid._dist import shard_layout  # noqa: E402
-from torchrec_sid.quantizers import RQGMM, RQKMeans  # noqa: E402
-from torchrec_sid.quantizers.metrics import rmse  # noqa: E402
-from torchrec_sid.quantizers.rq_gmm import DiagonalMixture  # noqa: E402
-from torchrec_sid.quantizers.rq_kmeans import lloyd, seed_centroids  # noqa: E402
+from torchrec_sid._dist import shard_layout
+from torchrec_sid.quantizers import RQGMM, RQKMeans
+from torchrec_sid.quantizers.metrics import rmse
+from torchrec_sid.quantizers.rq_gmm import DiagonalMixture
+from torchrec_sid.quantizers.rq_kmeans import lloyd, seed_centroids
 
 KMEANS_GOAL = 1.5  # RQ-KMeans time / faiss time at most this
 GMM_GOAL = 3.0  # scikit-learn GaussianMixture time / RQ-GMM time at least this
@@ -373,7 +373,7 @@ def gmm_speed(x: Tensor, k: int, iters: int, repeats: int) -> dict[str, Any]:
         r["speedup_total_by_min"] = sk_row["min_s"] / r["min_s"]
         r["speedup_total_cpu"] = sk_row["cpu_s"] / r["cpu_s"]
         # CPU seconds to the target: each run's wall time to the target scaled by that run's CPU / wall ratio
-        cpu_to = lambda curves: statistics.median(_time_to(c, target) * c["cpu_per_wall"] for c in curves)  # noqa: E731
+        cpu_to = lambda curves, t=target: statistics.median(_time_to(c, t) * c["cpu_per_wall"] for c in curves)
         r["cpu_to_target_s"], r["sklearn_cpu_to_target_s"] = cpu_to(r["curves"]), cpu_to(sk_row["curves"])
         r["speedup_at_equal_ll_cpu"] = r["sklearn_cpu_to_target_s"] / r["cpu_to_target_s"]
         r["speedup_per_em_iteration"] = sk_row["em_s_per_iteration"] / r["em_s_per_iteration"]

@@ -57,24 +57,24 @@ import os
 # spinning (this 2-core machine is shared; see common.OMP_WAIT_NOTE)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import yaml  # noqa: E402
-from common import RESULTS_DIR, format_table, set_threads, write_json  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import yaml
+from common import RESULTS_DIR, format_table, set_threads, write_json
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = (("test", "auc"), ("test", "ne"), ("cold", "auc"), ("cold", "ne"), ("tail", "auc"))
@@ -280,13 +280,13 @@ class Runner:
             config = QuantizeConfig.from_yaml(REPO / step.config, out=str(path), quantizer={"seed": seed},
                                               tensorboard=str(folder / "tensorboard"))
             key = {"step": "quantize", "config": dataclasses.asdict(config), "source": self.source}
-            run = lambda: self._quantize(config, folder / "quantize.log")  # noqa: E731
+            run = lambda: self._quantize(config, folder / "quantize.log")
         else:
             base = self.sids(step.base, seed)
             derived = self._finetune_config(step, folder, path, base, seed)
             key = {"step": "finetune", "config": derived, "base_sha256": file_sha256(base),
                    "max_steps": self.max_steps, "source": self.source}
-            run = lambda: self._finetune(derived, folder, path)  # noqa: E731
+            run = lambda: self._finetune(derived, folder, path)
         cached = not self.force and is_cached(folder, path, key)
         timing = folder / "bench_wall.json"
         if not cached:
@@ -424,10 +424,8 @@ def compare(c: Comparison, rows: dict[str, dict[str, Any]], runs: dict[str, list
     by_seed = {r["seed"]: metric(r, c.metric) for r in runs[c.b]}
     paired = [sign * (metric(r, c.metric) - by_seed[r["seed"]]) for r in runs[c.a] if r["seed"] in by_seed]
     wins = sum(d > 0 if c.strict else d >= 0 for d in paired)
-    if pooled is None:
-        noise = "no noise estimate (1 seed)"
-    else:
-        noise = "beyond noise" if abs(diff) > pooled else "within noise"
+    noise = ("no noise estimate (1 seed)" if pooled is None
+             else "beyond noise" if abs(diff) > pooled else "within noise")
     return {**out, "a_mean": a[c.metric], "b_mean": b[c.metric], "better_by": diff, "pooled_std": pooled,
             "holds": holds, "noise": noise, "seeds_holding": f"{wins}/{len(paired)}",
             "verdict": ("holds" if holds else "does not hold") + f", {noise}"}
@@ -628,7 +626,8 @@ def main() -> None:
     print(format_table(summary, [
         ("row", "row", None), ("seeds", "n", None), ("test_auc_cell", "test AUC", None),
         ("test_ne_cell", "test NE", None), ("cold_auc_cell", "cold AUC", None), ("cold_ne_cell", "cold NE", None),
-        ("tail_auc_cell", "long-tail AUC", None), ("embedding_parameters", "emb params", ",d"), ("extra_parameters", "+params vs id", ",d"),
+        ("tail_auc_cell", "long-tail AUC", None), ("embedding_parameters", "emb params", ",d"),
+        ("extra_parameters", "+params vs id", ",d"),
         ("item_lookups", "lookups/item", None), ("examples_per_s", "ex/s", ",.0f"), ("wall_s", "wall s", ".1f")],
         title=f"MovieLens-100k, mean ± std over {seeds} seed(s), 1 process x {args.threads} thread(s), {steps}"))
     for s in skipped:
