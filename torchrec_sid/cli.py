@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> None:
                                    tokenizer=args.tokenizer, export_semantic_ids=args.export_semantic_ids,
                                    seed=args.seed, resume=True if args.resume else None, max_steps=args.max_steps,
                                    ml100k=args.ml100k)
-    results = run(config)
+    results = run(config, resume_anyway=args.resume_anyway)
     if results is not None:
         print(format_results([results]))
 
@@ -71,6 +71,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="with --resume: continue even from a checkpoint of another config or data (warns)")
 
 
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:

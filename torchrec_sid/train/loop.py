@@ -11,6 +11,9 @@ skips what was done and continues to the same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
@@ -36,7 +39,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from torchrec_sid.data.batches import CtrBatches, InteractionData
-from torchrec_sid.io import atomic_write_json
+from torchrec_sid.io import atomic_write_json, folder_lock, sha256_bytes, sha256_file
 from torchrec_sid.models.dlrm import SidDLRM, count_parameters, table_parameters
 from torchrec_sid.models.factory import from_catalog
 from torchrec_sid.modules import SoftSidEmbedding
@@ -150,13 +153,50 @@ def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dic
             labels.append(batch.labels.cpu())
     model.train()
     empty = torch.zeros(0)
-    return ctr_metrics(gather(torch.cat(scores) if scores else empty), gather(torch.cat(labels) if labels else empty))
+    probabilities = gather(torch.cat(scores) if scores else empty)
+    bad = (~torch.isfinite(probabilities)).nonzero().flatten()
+    if len(bad):
+        raise DivergedError(f"evaluation: {len(bad)} of {len(probabilities)} scores are not finite (NaN or inf), "
+                            f"first at example {int(bad[0])}; the model diverged, no metrics were computed")
+    return ctr_metrics(probabilities, gather(torch.cat(labels) if labels else empty))
 
 
-def run(config: TrainConfig) -> dict[str, Any] | None:
-    """Trains and evaluates; rank 0 writes ``<out>/results.json`` and returns the results (None elsewhere)."""
+class DivergedError(ValueError):
+    """The training loss or the model's scores stopped being finite numbers."""
+
+
+def run(config: TrainConfig, resume_anyway: bool = False) -> dict[str, Any] | None:
+    """Trains and evaluates; rank 0 writes ``<out>/results.json`` and returns the results (None elsewhere).
+
+    Rank 0 holds the lock of ``config.out`` for the whole run (a second run on the same folder fails at once).
+    A resumed run refuses a checkpoint written under another config, data or world size unless ``resume_anyway``.
+    A loss or score that is not finite stops the run with :class:`DivergedError`; nothing is written then.
+    """
     rank, world_size, device = init_distributed()
+    with folder_lock(config.out, "training run") if rank == 0 else contextlib.nullcontext():
+        return _run(config, rank, world_size, device, resume_anyway)
+
+
+def run_identity(config: TrainConfig, data: InteractionData) -> dict[str, str]:
+    """What a checkpoint must share with the run that resumes it: the SHA-256 of the settings that shape training
+    (not ``name``, ``out``, ``resume``, ``max_steps``, ``epochs``, ``eval_splits``, ``checkpoint_every``), and a
+    fingerprint of the training split and of the SID / tokenizer files."""
+    settings = {k: v for k, v in config.to_dict().items()
+                if k not in {"name", "out", "resume", "max_steps", "epochs", "eval_splits", "checkpoint_every"}}
+    train = data.splits["train"]
+    digest = hashlib.sha256()
+    for array in (train.users, train.items, train.labels, train.timestamps):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    for path in (config.semantic_ids, config.tokenizer):
+        digest.update((sha256_file(path) if path else "-").encode())
+    return {"config_sha256": sha256_bytes(json.dumps(settings, sort_keys=True, default=str).encode()),
+            "data_fingerprint": digest.hexdigest()}
+
+
+def _run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
+         resume_anyway: bool) -> dict[str, Any] | None:
     data, signals = load_data(config)
+    identity = run_identity(config, data)
     model = build_model(config, data, signals)
     parameters = count_parameters(model)
     dmp, optimizer = shard(SidDLRMTrain(model), config, world_size, device)
@@ -164,7 +204,8 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     writer = SummaryWriter(str(out / "tensorboard")) if rank == 0 else None
     train = CtrBatches(data, "train", config.batch_size, max_history=config.model.max_history, shuffle=True,
                        seed=config.seed, rank=rank, world_size=world_size)
-    progress = _resume(dmp, optimizer, out) if config.resume else {"epoch": 0, "batch": 0, "step": 0}
+    progress = (_resume(dmp, optimizer, out, identity, resume_anyway) if config.resume
+                else {"epoch": 0, "batch": 0, "step": 0})
     steps_per_epoch = len(train)
     total_steps = config.epochs * steps_per_epoch if config.max_steps is None else config.max_steps
     examples, train_seconds = 0, 0.0
@@ -180,19 +221,24 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
                 examples += len(labels) * world_size
                 progress = {"epoch": epoch, "batch": progress["batch"] + 1 if epoch == progress["epoch"] else 1,
                             "step": progress["step"] + 1}
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise DivergedError(f"step {progress['step']}: the training loss is {value}, the run diverged "
+                                        f"(learning_rate {config.learning_rate}, embedding_learning_rate "
+                                        f"{config.embedding_learning_rate}); no results were written")
                 bar.update()
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
                 if writer is not None:
-                    writer.add_scalar("train/loss", loss.item(), progress["step"])
+                    writer.add_scalar("train/loss", value, progress["step"])
                     if soft_sid is not None and soft_sid.last_regulariser is not None:  # MMQ stage 2: the
                         # tokenizer's reconstruction terms, also minimised
                         writer.add_scalar("train/tokenizer_regulariser", soft_sid.last_regulariser.item(),
                                           progress["step"])
                 if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0:
-                    _checkpoint(dmp, optimizer, out, progress)
+                    _checkpoint(dmp, optimizer, out, progress, identity)
             if progress["epoch"] == epoch and progress["batch"] == steps_per_epoch:  # the epoch ran to its end
                 progress = {"epoch": epoch + 1, "batch": 0, "step": progress["step"]}
-                _checkpoint(dmp, optimizer, out, progress)
+                _checkpoint(dmp, optimizer, out, progress, identity)
                 continue
             break  # max_steps reached
     pipelined = describe(pipeline)
@@ -211,24 +257,35 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         "world_size": world_size,
         "steps": progress["step"],
         "parameters": parameters,
-        "train_examples_per_second": examples / train_seconds if train_seconds else float("nan"),
+        "train_examples_per_second": examples / train_seconds if train_seconds else None,  # None: no step ran
         "train_pipeline": pipelined,
         "metrics": metrics,
     }
     if exported is not None:
         results["exported_semantic_ids"] = {"path": config.export_semantic_ids, "metrics": exported.metrics}
-    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", _json_safe(results))
     return results
 
 
-def _resume(dmp: nn.Module, optimizer: CombinedOptimizer, out: Path) -> dict[str, int]:
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an undefined metric, e.g. the AUC of a one-class split) as None."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _resume(dmp: nn.Module, optimizer: CombinedOptimizer, out: Path, identity: dict[str, str],
+            resume_anyway: bool) -> dict[str, int]:
     """Loads the newest checkpoint under ``out`` into ``dmp`` and ``optimizer``; its progress (zeros if none)."""
     found = checkpoint.latest(out / "checkpoints")
     if found is None:
+        logger.warning("resume: no checkpoint in %s, so this run starts from step 0", out / "checkpoints")
         return {"epoch": 0, "batch": 0, "step": 0}
     optimizer.init_state()  # Adam has no state before its first step: create it, so DCP can load into it
     state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
-    progress = checkpoint.load(found, state)
+    progress = checkpoint.load(found, state, identity, allow_mismatch=resume_anyway)
     dmp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     logger.info("resumed from %s at epoch %d, batch %d", found, progress["epoch"], progress["batch"])
@@ -249,6 +306,7 @@ def _evaluate_splits(dmp: nn.Module, data: InteractionData, config: TrainConfig,
     return metrics
 
 
-def _checkpoint(dmp: nn.Module, optimizer: CombinedOptimizer, out: Path, progress: dict[str, int]) -> None:
+def _checkpoint(dmp: nn.Module, optimizer: CombinedOptimizer, out: Path, progress: dict[str, int],
+                identity: dict[str, str]) -> None:
     checkpoint.save(out / "checkpoints", progress["step"],
-                    {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}, progress)
+                    {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}, progress, identity)
