@@ -23,7 +23,9 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +33,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-PRELOAD = ["torch", "torchrec", "torchrec_sid.modules"]
+# imported once by the forkserver (an ImportError is skipped there and raised again in the worker that needs it)
+PRELOAD = ["torch", "torch.distributed.optim", "torch.distributed.checkpoint", "torchrec", "torchrec_sid.modules",
+           "torchrec_sid.train.loop", "torchrec_sid.jobs.quantize"]
 _CONTEXT: Any = None
 
 
@@ -78,17 +82,27 @@ def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, timeout: float
         p.start()
     values: dict[int, Any] = {}
     failures: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, payload = results.get(timeout=timeout)
+        while len(values) < world_size and not failures:
+            try:
+                rank, ok, payload = results.get(timeout=0.2)
+            except queue.Empty:
+                # a rank killed (a crash in native code, out of memory) never reports: fail now, not at the timeout
+                dead = [f"rank {r} exited with code {p.exitcode} without a result" for r, p in enumerate(procs)
+                        if p.exitcode is not None and r not in values and results.empty()]
+                if dead:
+                    failures.extend(dead)
+                elif time.monotonic() > deadline:
+                    failures.append(f"timed out after {timeout:.0f} s; ranks {sorted(values)} returned")
+                continue
             if ok:
                 values[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
-                failures.append(f"rank {rank} failed:\n{payload}")
-                break  # the other ranks may wait in a collective forever
+                failures.append(f"rank {rank} failed:\n{payload}")  # the others may wait in a collective forever
     finally:
         for p in procs:
-            p.join(timeout=5 if failures else timeout)
+            p.join(timeout=5 if failures else max(5.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join()

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import write_ml100k
+from tests.ml100k import write_ml100k
+from tests.multiprocess import run_multiprocess
 from torchrec_sid.data import movielens
 from torchrec_sid.quantizers import Quantizer
 from torchrec_sid.quantizers.mmq import MMQ
@@ -36,21 +32,23 @@ def stage_one(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "signals": signals}
 
 
-def _train(raw: dict, path: Path) -> dict:
-    path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "torchrec_sid", "train", "--config", str(path)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((Path(raw["out"]) / "results.json").read_text())
+def _train_worker(rank: int, world_size: int, runs: list[dict]) -> list[dict | None]:
+    """The train job (``torchrec_sid.train.loop.run``) on each config of ``runs`` in turn, in one process."""
+    from torchrec_sid.train.loop import run
+
+    return [run(TrainConfig.from_dict(raw)) for raw in runs]
 
 
 def test_fine_tuned_sids_are_exported_and_train_a_ranking_model(stage_one: dict, tmp_path: Path) -> None:
     exported = tmp_path / "mmq_ft.safetensors"
-    results = _train({"name": "ft", "ml100k": stage_one["ml100k"], "tokenizer": stage_one["tokenizer"],
-                      "export_semantic_ids": str(exported), "batch_size": 16, "epochs": 2, "out": str(tmp_path / "ft"),
-                      "model": {**MODEL, "item_representation": ["id", "soft_sid"],
-                                "soft_sid": {"tau": 0.5, "recon_weight": 1.0, "aux_weight": 1.0}}},
-                     tmp_path / "ft.yaml")
+    fine_tune = {"name": "ft", "ml100k": stage_one["ml100k"], "tokenizer": stage_one["tokenizer"],
+                 "export_semantic_ids": str(exported), "batch_size": 16, "epochs": 2, "out": str(tmp_path / "ft"),
+                 "model": {**MODEL, "item_representation": ["id", "soft_sid"],
+                           "soft_sid": {"tau": 0.5, "recon_weight": 1.0, "aux_weight": 1.0}}}
+    rank = {"name": "sid_ft", "ml100k": stage_one["ml100k"], "semantic_ids": str(exported),  # reads the export
+            "batch_size": 16, "epochs": 1, "out": str(tmp_path / "sid_ft"),
+            "model": {**MODEL, "item_representation": ["id", "sid"], "sid_tokens": {"num_levels": 3}}}
+    (results, ranked), = run_multiprocess(_train_worker, world_size=1, runs=[fine_tune, rank])
     sids = SemanticIds.load(exported)
     fine_tuned = Quantizer.load(exported.with_name("mmq_ft.quantizer.safetensors"))
     assert torch.equal(fine_tuned.encode(stage_one["signals"]), sids.codes[:, :3])
@@ -65,10 +63,7 @@ def test_fine_tuned_sids_are_exported_and_train_a_ranking_model(stage_one: dict,
     assert any(not torch.equal(v, stage_one_weights[k]) for k, v in fine_tuned.model_.state_dict().items()), \
         "fine-tuning changed the tokenizer"
 
-    ranked = _train({"name": "sid_ft", "ml100k": stage_one["ml100k"], "semantic_ids": str(exported),
-                     "batch_size": 16, "epochs": 1, "out": str(tmp_path / "sid_ft"),
-                     "model": {**MODEL, "item_representation": ["id", "sid"], "sid_tokens": {"num_levels": 3}}},
-                    tmp_path / "sid_ft.yaml")
+    assert ranked["steps"] == 13 and ranked["metrics"]["test"]["count"] > 0  # 205 samples, batch 16, one epoch
     assert 0.0 <= ranked["metrics"]["test"]["auc"] <= 1.0
 
 

@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from tests.multiprocess import run_multiprocess
 from torchrec_sid import cli
 from torchrec_sid.jobs.quantize import QuantizeConfig, run
 from torchrec_sid.quantizers import Quantizer
@@ -74,7 +72,9 @@ def test_shipped_example_configs_parse() -> None:
         config = QuantizeConfig.from_yaml(path)
         from torchrec_sid.quantizers import build_quantizer
 
-        build_quantizer(config.method, **config.quantizer)
+        quantizer = build_quantizer(config.method, **config.quantizer)
+        quantizer.check_params()  # every value in range, as fit would check
+        assert quantizer.name == config.method and config.quantizer.items() <= quantizer.get_params().items()
 
 
 def test_cli_quantize(embeddings: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -106,26 +106,43 @@ def test_unknown_yaml_field_raises(tmp_path: Path) -> None:
         QuantizeConfig.from_yaml(path)
 
 
+def _quantize_worker(rank: int, world_size: int, config: QuantizeConfig) -> torch.Tensor | None:
+    """The quantize job on this rank (``WORLD_SIZE`` set, the gloo group made): rank 0's codes, None elsewhere."""
+    sids = run(config)
+    return None if sids is None else sids.codes
+
+
+@pytest.mark.distributed
 def test_two_process_quantize_matches_one_process(embeddings: Path, tmp_path: Path) -> None:
-    """The CLI under torchrun: 2 gloo ranks each fit and encode half the items; rank 0 writes all codes."""
-    args = ["quantize", "--method", "rq_gmm", "--levels", "2", "--codebook-size", "6", "--data", str(embeddings)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launcher, name in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-                            "two"), ([sys.executable], "one")):
-        proc = subprocess.run([*launcher, "-m", "torchrec_sid", *args, "--out", str(tmp_path / f"{name}.safetensors")],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    two, one = (SemanticIds.load(tmp_path / f"{n}.safetensors") for n in ("two", "one"))
-    assert torch.equal(two.codes, one.codes)
+    """2 gloo ranks each fit and encode half the items; rank 0 writes all codes, those of one process."""
+    def config(name: str) -> QuantizeConfig:
+        return QuantizeConfig(method="rq_gmm", data=str(embeddings), out=str(tmp_path / f"{name}.safetensors"),
+                              quantizer={"levels": 2, "codebook_size": 6})
+
+    codes, nothing = run_multiprocess(_quantize_worker, world_size=2, config=config("two"))
+    assert nothing is None
+    one = run(config("one"))
+    two = SemanticIds.load(tmp_path / "two.safetensors")
+    assert torch.equal(two.codes, codes) and torch.equal(two.codes, one.codes)
 
 
 def test_ordinal_artifact_keeps_digit_centres_for_side(tmp_path: Path) -> None:
     from torchrec_sid.modules import SIDEmbedding
+    from torchrec_sid.sid.packing import pack_codes
 
     out = tmp_path / "dpca.safetensors"
     run(QuantizeConfig(method="dpca", data="synthetic", synthetic_items=300, out=str(out),
                        quantizer={"groups": 1, "depth": 4, "latent_dim": 8, "max_epochs": 2}))
-    SIDEmbedding.from_semantic_ids(SemanticIds.load(out), embedding_dim=8)
+    sids = SemanticIds.load(out)
+    # 4 ternary digits centred on 1, and the collision suffix level (categorical) centred on its middle
+    assert sids.cardinalities[:4] == [3, 3, 3, 3] and sids.num_levels == 5
+    assert sids.digit_centres == [1.0, 1.0, 1.0, 1.0, (sids.cardinalities[4] - 1) / 2]
+    side = SIDEmbedding.from_semantic_ids(sids, embedding_dim=8, num_levels=4)
+    assert side.radices == [3, 3, 3, 3] and side.centres.tolist() == [1.0] * 4
+    packed = pack_codes(sids.codes[:, :4], side.radices)
+    assert torch.equal(side.unpack(packed), sids.codes[:, :4])
+    assert torch.equal(side.digits(packed), sids.codes[:, :4].float() - 1.0)  # digits -1, 0, 1
+    assert side(packed).shape == (300, 8)
 
 
 def test_multi_signal_quantizer_reads_named_signals(tmp_path: Path) -> None:
@@ -145,7 +162,10 @@ def test_multi_signal_quantizer_reads_named_signals(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fields, message", [
     ({"method": "rq_kmeans", "signals": ("text", "meta")}, "rq_kmeans reads one signal"),
-    ({"method": "mmq", "signals": ("text", "image")}, r"signals \['text', 'image'\]: synthetic has \['meta', 'text'\]"),
+    ({"method": "mmq", "signals": ("text", "meta")}, "mmq reads one signal"),  # its own `signals` setting: None
+    ({"method": "mmq", "signals": ("text", "image"), "quantizer": {"signals": {"text": "mse", "image": "mse"}}},
+     r"signals \['text', 'image'\]: synthetic has \['meta', 'text'\]"),
+    ({"method": "mmq", "quantizer": {"gamma": -1}}, r"gamma must be a number >= 0.0, got -1"),
 ])
 def test_bad_signals_raise(fields: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):

@@ -10,12 +10,9 @@ matching DDP's averaging of dense gradients), so each shard owner applies the gr
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import Tensor, nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -25,8 +22,11 @@ from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from tests.multiprocess import run_multiprocess
 from torchrec_sid.modules import SidFeatureTransform
 from torchrec_sid.sid import SemanticIds
+
+pytestmark = pytest.mark.distributed
 
 WORLD_SIZE = 2
 LEARNING_RATE = 0.5
@@ -87,38 +87,31 @@ def _local_shards(dmp: nn.Module) -> dict[str, list[tuple[list[int], Tensor]]]:
             for name, tensor in dmp.state_dict().items() if hasattr(tensor, "local_shards")}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        model = SidModel()
-        global_state = {k: v.clone() for k, v in model.state_dict().items()}
-        sharders = [EmbeddingBagCollectionSharder(
-            fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LEARNING_RATE})]
-        constraints = {table: ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"],
-                                                   min_partition=DIM // 2)
-                       for table, kind in SHARDING.items()}
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD_SIZE, compute_device="cpu"),
-                                           constraints=constraints)
-        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-        dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                       device=torch.device("cpu"), plan=plan, sharders=sharders)
-        _copy_into_shards(dmp, global_state)
-        features, loss_weights = rank_batch(rank)
-        out = dmp(features)
-        (out * loss_weights).sum().backward()  # the fused optimizer updates the shards here
-        sharding_types = {table: p.sharding_type for table, p in plan.plan["ebc"].items()}
-        torch.save({"out": out.detach(), "shards": _local_shards(dmp), "sharding_types": sharding_types},
-                   Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world_size: int) -> dict:
+    """Rank ``rank``'s sharded forward on its batch and its shards after one fused SGD step."""
+    model = SidModel()
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    sharders = [EmbeddingBagCollectionSharder(
+        fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LEARNING_RATE})]
+    constraints = {table: ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"],
+                                               min_partition=DIM // 2)
+                   for table, kind in SHARDING.items()}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"),
+                                       constraints=constraints)
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   device=torch.device("cpu"), plan=plan, sharders=sharders)
+    _copy_into_shards(dmp, global_state)
+    features, loss_weights = rank_batch(rank)
+    out = dmp(features)
+    (out * loss_weights).sum().backward()  # the fused optimizer updates the shards here
+    sharding_types = {table: p.sharding_type for table, p in plan.plan["ebc"].items()}
+    return {"out": out.detach(), "shards": _local_shards(dmp), "sharding_types": sharding_types}
 
 
 @pytest.fixture(scope="module")
-def sharded_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("dmp")
-    mp.spawn(_worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+def sharded_results() -> list[dict]:
+    return run_multiprocess(_worker, world_size=WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")

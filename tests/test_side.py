@@ -1,5 +1,5 @@
-# no `from __future__ import annotations`: the wrapper model below is fx-traced then scripted, which needs real
-# annotations on its forward
+from __future__ import annotations
+
 import itertools
 import math
 from pathlib import Path
@@ -171,24 +171,37 @@ class PooledAndSequence(nn.Module):
                           events.sum(dim=0, keepdim=True)])
 
 
-def test_traced_matches_eager_and_scripted_export_reloads(tmp_path: Path) -> None:
+def test_fx_traced_matches_eager() -> None:
     model = PooledAndSequence()
-    traced = symbolic_trace(model)
-    torch.testing.assert_close(traced(sids_batch()), model(sids_batch()))
-    torch.jit.save(torch.jit.script(traced), tmp_path / "side.pt")
-    torch.testing.assert_close(torch.jit.load(tmp_path / "side.pt")(sids_batch()), model(sids_batch()))
-    for module in (side(), SIDEmbedding([4, 64], embedding_dim=3)):  # division, shifts
-        torch.testing.assert_close(torch.jit.script(module)(torch.tensor([7, 8])), module(torch.tensor([7, 8])))
+    torch.testing.assert_close(symbolic_trace(model)(sids_batch()), model(sids_batch()))
 
 
-def test_exports_with_dynamic_kjt_shapes() -> None:
+def _save_and_load(exported: torch.export.ExportedProgram, path: Path) -> nn.Module:
+    torch.export.save(exported, path)
+    with torch.serialization.safe_globals([KeyedJaggedTensor]):  # the example input is saved with the program
+        return torch.export.load(path).module()
+
+
+def test_export_with_dynamic_kjt_shapes_saves_and_reloads(tmp_path: Path) -> None:
     model, example = PooledAndSequence(), sids_batch()
     shapes = ShapesCollection()
     shapes[example.values()] = {0: Dim.AUTO}
     shapes[example.lengths()] = {0: Dim.AUTO}
     exported = torch.export.export(model, (example,), dynamic_shapes=shapes.dynamic_shapes(model, (example,)),
                                    strict=False)
+    reloaded = _save_and_load(exported, tmp_path / "side.pt2")
     other = KeyedJaggedTensor.from_lengths_sync(keys=["candidate_sid", "history_sids"],
                                                 values=torch.tensor([3, 4, 10, 11, 12, 13, 14, 15]),
                                                 lengths=torch.tensor([1, 1, 0, 6]))
-    torch.testing.assert_close(exported.module()(other), model(other))
+    torch.testing.assert_close(reloaded(other), model(other))
+
+
+@pytest.mark.parametrize("radices", [RADICES, [4, 64]], ids=["division", "shifts"])
+def test_export_of_packed_lookup_saves_and_reloads(radices: list[int], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = SIDEmbedding(radices, embedding_dim=3)
+    packed = torch.tensor([7, 8, 0])
+    exported = torch.export.export(module, (packed,), dynamic_shapes=({0: Dim.AUTO},), strict=False)
+    reloaded = _save_and_load(exported, tmp_path / "side.pt2")
+    other = torch.tensor([1, 2, 3, math.prod(radices) - 1, 0])
+    torch.testing.assert_close(reloaded(other), module(other))
