@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, cast
@@ -108,9 +107,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         if "WORLD_SIZE" in os.environ:
             dist.init_process_group("nccl" if cuda else "gloo")
         else:
-            with tempfile.NamedTemporaryFile(prefix="torchrec_sid_pg_", delete=False) as f:
-                store = f.name
-            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank = dist.get_rank()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() \
         else torch.device("cpu")
