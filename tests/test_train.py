@@ -358,7 +358,7 @@ def test_corrupt_checkpoint_is_refused(straight: dict, tmp_path: Path) -> None:
         ({"model": {"item_representation": ["id", "ids"]}}, "model.item_representation must be distinct values"),
         ({"model": {"hidden": 3}}, r"model: unknown field\(s\) \['hidden'\]"),
         ({"data": "criteo"}, "train.data must be one of"),
-        ({"batch_size": 0}, "train.batch_size must be >= 1, got 0"),
+        ({"batch_size": 0}, "config: batch_size = 0: must be >= 1"),
         ({"eval_splits": ["test", "holdout"]}, r"unknown split\(s\) \['holdout'\]"),
         ({"model": {"history_block": "din", "history_options": {"top_k": 3}}}, "history_options for 'din'"),
     ],

@@ -58,3 +58,41 @@ def test_good_values_load_and_yaml_exponent_floats_are_numbers() -> None:
 def test_mistakes_are_refused_naming_file_field_and_value(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: .inf", r"c.yaml: learning_rate = inf: expected a finite number"),
+    ("batch_size: 100.5", r"c.yaml: batch_size = 100.5: expected an integer"),
+    ("batch_size: true", r"c.yaml: batch_size = True: expected an integer"),
+    ("eval_splits: test", r"c.yaml: eval_splits = 'test': expected a list"),
+    ("max_steps: -3", r"c.yaml: max_steps = -3: must be >= 1$"),
+    ("checkpoint_every: -1", r"c.yaml: checkpoint_every = -1: must be >= 0"),
+    ("seed: -1", r"c.yaml: seed = -1: must be >= 0"),
+    ("", r"c.yaml: expected a mapping of TrainConfig fields, got an empty file"),
+    ("model: {embedding_dim: 8.5}", r"c.yaml: model.embedding_dim = 8.5: expected an integer"),
+])
+def test_train_config_mistakes_are_refused_at_load(tmp_path, text: str, message: str) -> None:
+    from torchrec_sid.train.config import TrainConfig
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_every_shipped_train_example_loads() -> None:
+    from pathlib import Path
+
+    from torchrec_sid.train.config import TrainConfig
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    train = [p for p in examples if not p.name.startswith("quantize_")]
+    assert len(train) >= 8
+    for path in train:
+        assert TrainConfig.from_yaml(path).name
+
+
+def test_a_config_built_in_python_is_held_to_the_same_bounds() -> None:
+    from torchrec_sid.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"TrainConfig.learning_rate = -0.1: must be > 0"):
+        TrainConfig(learning_rate=-0.1)

@@ -42,6 +42,15 @@ def bounds(*, ge: float | None = None, gt: float | None = None, le: float | None
     return {"bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}}
 
 
+def check_bounds(config: Any) -> None:
+    """Checks every field of the dataclass instance ``config`` against its :func:`bounds` (for ``__post_init__``,
+    so a config built in Python is held to the same limits as one loaded from a file)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if "bounds" in f.metadata and isinstance(value, (int, float)) and not isinstance(value, bool):
+            _within(value, f"{type(config).__name__}.{f.name}", f.metadata["bounds"])
+
+
 def from_mapping(cls: type[T], raw: Any, where: str) -> T:
     """``cls(**raw)`` after checking every key and value of ``raw`` against ``cls``'s fields (recursively).
 
@@ -99,8 +108,11 @@ def _check(hint: Any, value: Any, where: str, limits: Mapping[str, float]) -> An
 def _union(args: tuple[Any, ...], value: Any, where: str, limits: Mapping[str, float]) -> Any:
     if value is None and type(None) in args:
         return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # Optional[X]: X's own message
+        return _check(options[0], value, where, limits)
     errors = []
-    for option in (a for a in args if a is not type(None)):
+    for option in options:
         try:
             return _check(option, value, where, limits)
         except ConfigError as e:

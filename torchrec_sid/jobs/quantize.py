@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torchrec_sid.quantizers.base import build_quantizer
 from torchrec_sid.quantizers.metrics import perplexity, quality_report, utilization
 from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.semantic_ids import quantizer_path
+from torchrec_sid.typed_config import bounds, check_bounds, from_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -63,25 +63,26 @@ class QuantizeConfig:
     quantizer: dict[str, Any] = field(default_factory=dict)
     collision_suffix: bool = True
     tensorboard: str | None = None
-    metrics_sample: int = 50_000
+    metrics_sample: int = field(default=50_000, metadata=bounds(ge=1))
     ml100k: str | None = None
-    synthetic_items: int = 100_000
-    seed: int = 0
+    synthetic_items: int = field(default=100_000, metadata=bounds(ge=1))
+    seed: int = field(default=0, metadata=bounds(ge=0))
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> QuantizeConfig:
-        """Reads a YAML file of these fields; ``overrides`` that are not None win (``quantizer`` merges)."""
+        """Reads a YAML file of these fields; ``overrides`` that are not None win (``quantizer`` merges). Any unknown
+        key, wrong type or out-of-range number raises :class:`~torchrec_sid.typed_config.ConfigError` naming the
+        file, the field and the value."""
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown field(s) {unknown}; expected some of {sorted(known)}")
-        quantizer = {**raw.get("quantizer", {}), **overrides.pop("quantizer", {})}
+            raw = yaml.safe_load(f)
+        if not isinstance(raw, dict):
+            return from_mapping(cls, raw, str(path))  # raises, naming what the file holds
+        quantizer = {**(raw.get("quantizer") or {}), **overrides.pop("quantizer", {})}
         merged = {**raw, **{k: v for k, v in overrides.items() if v is not None}, "quantizer": quantizer}
-        if "signals" in merged:
-            merged["signals"] = tuple(merged["signals"])
-        return cls(**merged)
+        return from_mapping(cls, merged, str(path))
 
     @property
     def quantizer_path(self) -> Path:

@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 
 from torchrec_sid.data.synthetic import SyntheticConfig
-from torchrec_sid.models.configs import ModelConfig, SidTokenConfig, SoftSidConfig
+from torchrec_sid.models.configs import ModelConfig
+from torchrec_sid.typed_config import bounds, check_bounds, from_mapping
 
 DATA_SOURCES = ("movielens", "synthetic")
 
@@ -52,26 +53,21 @@ class TrainConfig:
     tokenizer: str | None = None
     export_semantic_ids: str | None = None
     model: ModelConfig = ModelConfig()
-    batch_size: int = 512
-    epochs: int = 2
-    learning_rate: float = 1e-3
-    embedding_learning_rate: float = 0.05
-    seed: int = 0
+    batch_size: int = field(default=512, metadata=bounds(ge=1))
+    epochs: int = field(default=2, metadata=bounds(ge=1))
+    learning_rate: float = field(default=1e-3, metadata=bounds(gt=0))
+    embedding_learning_rate: float = field(default=0.05, metadata=bounds(gt=0))
+    seed: int = field(default=0, metadata=bounds(ge=0))
     out: str = "outputs/run"
-    checkpoint_every: int = 0
+    checkpoint_every: int = field(default=0, metadata=bounds(ge=0))
     resume: bool = False
     eval_splits: tuple[str, ...] = ("valid", "test", "cold")
-    max_steps: int | None = None
+    max_steps: int | None = field(default=None, metadata=bounds(ge=1))
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.data not in DATA_SOURCES:
             raise ValueError(f"train.data must be one of {DATA_SOURCES}, got {self.data!r}")
-        for name in ("batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "embedding_learning_rate"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
         unknown = set(self.eval_splits) - {"train", "valid", "test", "cold", "tail"}
         if unknown:
             raise ValueError(f"train.eval_splits has unknown split(s) {sorted(unknown)}")
@@ -89,40 +85,20 @@ class TrainConfig:
         return SyntheticConfig(**self.synthetic)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> TrainConfig:
-        """Builds a config from plain data (parsed YAML), rejecting unknown keys with their names."""
-        raw = dict(raw)
-        _check_keys(raw, cls, where)
-        model = dict(raw.pop("model", {}) or {})
-        _check_keys(model, ModelConfig, f"{where}: model")
-        if "sid_tokens" in model:
-            _check_keys(model["sid_tokens"], SidTokenConfig, f"{where}: model.sid_tokens")
-            tokens: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in model["sid_tokens"].items()}
-            model["sid_tokens"] = SidTokenConfig(**tokens)
-        if "soft_sid" in model:
-            _check_keys(model["soft_sid"], SoftSidConfig, f"{where}: model.soft_sid")
-            model["soft_sid"] = SoftSidConfig(**model["soft_sid"])
-        for key in ("item_representation", "dense_layers", "over_layers"):
-            if key in model:
-                model[key] = tuple(model[key])
-        if "eval_splits" in raw:
-            raw["eval_splits"] = tuple(raw["eval_splits"])
-        return cls(model=ModelConfig(**model), **raw)
+    def from_dict(cls, raw: Any, where: str = "config") -> TrainConfig:
+        """Builds a config from plain data (parsed YAML); any unknown key, wrong type, non-finite or out-of-range
+        number raises :class:`~torchrec_sid.typed_config.ConfigError` naming ``where``, the field and the value."""
+        return from_mapping(cls, raw, where)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-        """Reads a YAML file; ``overrides`` that are not None replace top-level fields."""
+        """Reads a YAML file; ``overrides`` that are not None replace top-level fields. An empty file is refused."""
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        raw.update({k: v for k, v in overrides.items() if v is not None})
+            raw = yaml.safe_load(f)
+        if isinstance(raw, dict):
+            raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(raw, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-def _check_keys(raw: dict[str, Any], cls: type, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
