@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "torchrec_sid"
 
 # layer -> the layers it may import (besides itself); a module's layer is its first path component under the package
-BASE = {"io", "_dist", "metrics", "report"}
+BASE = {"io", "_dist", "metrics", "report", "typed_config"}
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
     "sid": {"base"},
