@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from torchrec_sid.data.batches import Catalog, Histories, InteractionData, Samples
+from torchrec_sid.data.batches import Catalog, Histories, InteractionData
 from torchrec_sid.data.content import ContentFeatures, content_features
+from torchrec_sid.data.ratings import rating_histories, temporal_interactions
 from torchrec_sid.io import ChecksumError, atomic_write_bytes, cache_dir, sha256_bytes, verify_sha256
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ WHEEL_MEMBERS = {  # name in the cache -> (path inside the wheel, sha256)
 OFFICIAL_FILES = ("u.data", "u.item", "u.user")
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(OSError):
     """The data could not be read or fetched; the message says what to do."""
 
 
@@ -129,59 +130,14 @@ class MovieLens100k:
 
     def histories(self, exclude_items: np.ndarray | None = None) -> Histories:
         """Every user's rated items, oldest first (optionally without ``exclude_items``)."""
-        r = self.ratings
-        if exclude_items is not None:
-            r = r[~r["item_id"].isin(exclude_items)]
-        return Histories.from_events(r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["timestamp"].to_numpy(),
-                                     len(self.users))
+        return rating_histories(self.ratings, len(self.users), exclude_items)
 
-    def interactions(
-        self,
-        valid_frac: float = 0.1,
-        test_frac: float = 0.1,
-        cold_frac: float = 0.15,
-        positive_threshold: int = 4,
-        seed: int = 0,
-    ) -> InteractionData:
-        """CTR samples (label = ``rating >= positive_threshold``) split by time, plus cold-start items.
-
-        Events are ordered by time: the first ``1 - valid_frac - test_frac`` go to ``train``, then ``valid``, then
-        ``test``. A seeded ``cold_frac`` of the items is held out of training entirely: their events leave
-        train/valid/test and the histories; those after the training period form ``cold``. Each sample's history is
-        the user's events strictly before it (same-second events excluded), so no label leaks into a feature.
-        """
-        for name, value in (("valid_frac", valid_frac), ("test_frac", test_frac), ("cold_frac", cold_frac)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if valid_frac + test_frac >= 1.0:
-            raise ValueError(f"valid_frac + test_frac must be < 1, got {valid_frac + test_frac}")
-        r = self.ratings
-        n = len(r)
-        period = np.zeros(n, dtype=np.int8)  # ratings are chronological: 0 train, 1 valid, 2 test
-        period[int(round(n * (1 - valid_frac - test_frac))):] = 1
-        period[int(round(n * (1 - test_frac))):] = 2
-        rng = np.random.default_rng(seed)
-        num_items = len(self.items)
-        cold_items = np.sort(rng.choice(num_items, size=int(round(cold_frac * num_items)), replace=False))
-        histories = self.histories(exclude_items=cold_items)
-
-        users, items = r["user_id"].to_numpy(np.int64), r["item_id"].to_numpy(np.int64)
-        timestamps = r["timestamp"].to_numpy(np.int64)
-        samples = Samples(
-            users=users,
-            items=items,
-            labels=(r["rating"].to_numpy() >= positive_threshold).astype(np.float32),
-            timestamps=timestamps,
-            history_lengths=histories.count_before(users, timestamps),
-        )
-        cold = np.isin(items, cold_items)
-        splits = {
-            "train": samples.subset(~cold & (period == 0)),
-            "valid": samples.subset(~cold & (period == 1)),
-            "test": samples.subset(~cold & (period == 2)),
-            "cold": samples.subset(cold & (period > 0)),
-        }
-        return InteractionData("movielens-100k", self.catalog, histories, splits, cold_items)
+    def interactions(self, valid_frac: float = 0.1, test_frac: float = 0.1, cold_frac: float = 0.15,
+                     positive_threshold: int = 4, seed: int = 0) -> InteractionData:
+        """CTR samples (label = ``rating >= positive_threshold``) split by time, plus cold-start items
+        (:func:`~torchrec_sid.data.ratings.temporal_interactions`)."""
+        return temporal_interactions("movielens-100k", self.catalog, self.ratings, valid_frac, test_frac, cold_frac,
+                                     positive_threshold, seed)
 
     def summary(self) -> str:
         r = self.ratings
