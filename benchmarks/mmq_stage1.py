@@ -33,6 +33,13 @@ Metrics, over every item:
 
 Run: ``.venv/bin/python benchmarks/mmq_stage1.py`` (about 4 minutes on 2 cores), smoke run with ``--quick``.
 Prints a table per dataset and writes ``benchmarks/results/mmq_stage1.json``.
+
+``--orthogonality`` runs only the orthogonality sweep (MovieLens, one seed, K = 32, d = 32, H = 128, ``--epochs``
+epochs without early stopping): each form of ``L_ortho`` (``MMQ.orthogonality``: ``weights``, the flattened
+expert weights; ``layers``, per layer; ``outputs``, the experts' centred outputs) at gamma 0, 0.005 (the paper's)
+and 0.5, reporting the within-group ``|cos|`` of the flattened centred outputs
+(``MMQTokenizer.output_similarity``), the reconstruction loss and the code utilisation. Writes
+``benchmarks/results/mmq_orthogonality.json``.
 """
 
 from __future__ import annotations
@@ -164,14 +171,41 @@ def summarise(dataset: str, method: str, runs: list[dict[str, Any]], num_items: 
     return row
 
 
+def orthogonality_sweep(epochs: int, threads: dict[str, Any]) -> None:
+    """The ``--orthogonality`` table (module docstring)."""
+    data = movielens_modalities()
+    rows = []
+    for form, gamma in [("weights", 0.0), ("weights", 0.005), ("weights", 0.5), ("layers", 0.005), ("layers", 0.5),
+                        ("outputs", 0.005), ("outputs", 0.5)]:
+        with stage(f"{form} gamma={gamma}"):
+            q = MMQ(SIGNALS, codebook_size=32, latent_dim=32, hidden_dim=128, gamma=gamma, orthogonality=form,
+                    max_epochs=epochs, patience=epochs, seed=0).fit(data)
+        sims = q.model_.output_similarity(data)
+        rows.append({"form": "none" if gamma == 0 else form, "gamma": gamma, "cos": statistics.fmean(sims.values()),
+                     **{f"cos_{k}": v for k, v in sims.items()}, "recon": q.history_[-1]["valid_loss"],
+                     "util": statistics.fmean(utilization(q.encode(data), q.cardinalities))})
+    print(format_table(rows, [("form", "L_ortho on", None), ("gamma", "gamma", "g"), ("cos", "|cos| outputs", ".3f"),
+                              ("cos_shared", "shared", ".3f"), ("cos_text", "text", ".3f"), ("cos_meta", "meta", ".3f"),
+                              ("recon", "valid recon", ".4f"), ("util", "util", ".3f")],
+                       title=f"MMQ orthogonality on MovieLens ({epochs} epochs, seed 0, {threads['torch']} torch "
+                             f"thread(s)): "
+                             f"within-group |cos| of the experts' centred outputs"))
+    print(f"\nwrote {write_json('mmq_orthogonality', {'epochs': epochs, 'threads': threads, 'rows': rows})}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orthogonality", action="store_true", help="only the orthogonality sweep (docstring)")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of the orthogonality sweep")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 2k synthetic items, 1 seed")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per method on MovieLens-100k")
     parser.add_argument("--synthetic-items", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     args = parser.parse_args()
     threads = set_threads(args.threads)
+    if args.orthogonality:
+        orthogonality_sweep(args.epochs, threads)
+        return
     common = {"hidden_dim": 256}
     datasets = {  # name -> (data, training settings, seeds)
         "movielens": (movielens_modalities, {"max_epochs": 150, "patience": 15, "batch_size": 256}, args.seeds),

@@ -72,6 +72,14 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, kwarg
         results.put((rank, False, traceback.format_exc()))
 
 
+def start_process(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Starts ``fn(**kwargs)`` in a process of its own (forked from the forkserver: torch and torchrec already
+    imported) and returns the ``multiprocessing.Process`` (``pid``, ``exitcode``, ``join``, ``kill``)."""
+    process = _context().Process(target=fn, kwargs=kwargs)
+    process.start()
+    return process
+
+
 def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
     """Runs ``fn`` on ``world_size`` ranks of one gloo group; returns ``[fn's value on rank r for r in ranks]``."""
     ctx = _context()

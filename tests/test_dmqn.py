@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
 import torch
 from torchrec.fx import symbolic_trace
@@ -14,6 +16,7 @@ from torchrec_sid.modules import (
     UserHistory,
     padding_mask,
 )
+from torchrec_sid.modules.dmqn import gumbel_straight_through
 
 D, N, W = 8, 2, 4
 LENGTHS = [0, 1, 7]
@@ -71,6 +74,32 @@ def test_temperature_schedule_decays_exponentially_then_stays() -> None:
     schedule = TemperatureSchedule(initial=1.0, final=0.1, anneal_steps=100)
     taus = [schedule(torch.tensor(s)).item() for s in (0, 50, 100, 1000)]
     assert taus == pytest.approx([1.0, 0.1**0.5, 0.1, 0.1])
+
+
+def training_agreement(noise_final: float, step: int) -> float:
+    """Fraction of (event, codebook) pairs whose training (Gumbel) assignment at ``step`` is the eval argmax."""
+    torch.manual_seed(0)
+    schedule = TemperatureSchedule(1.0, 0.1, anneal_steps=100, noise_initial=1.0, noise_final=noise_final)
+    mcqm = MultiClusterQuantizer(D, N, W, latent_dim=4, temperature=schedule)
+    history, mask = torch.randn(4, 50, D), torch.ones(4, 50, dtype=torch.bool)
+    inference = mcqm.logits(history).argmax(-1)
+    mcqm.step.fill_(step)
+    training = gumbel_straight_through(mcqm.logits(history), mcqm.step, astuple(schedule)).argmax(-1)
+    assert mask.all()
+    return (training == inference).double().mean().item()
+
+
+def test_annealed_noise_brings_training_assignments_to_inference() -> None:
+    """τ does not enter a hard straight-through forward pass, so only annealing the Gumbel noise makes training
+    assign events as inference does; with constant noise the agreement stays where it starts."""
+    constant = [training_agreement(1.0, step) for step in (0, 100, 10_000)]
+    annealed = [training_agreement(0.0, step) for step in (0, 50, 100)]
+    assert constant[0] == constant[1] == constant[2] < 0.9 and annealed[0] == constant[0]  # same draws per step
+    assert annealed[0] < annealed[1] < annealed[2] == 1.0
+    schedule = TemperatureSchedule(anneal_steps=10, noise_initial=2.0, noise_final=0.5)
+    assert [schedule.noise_scale(torch.tensor(s)).item() for s in (0, 5, 10, 99)] == [2.0, 1.25, 0.5, 0.5]
+    with pytest.raises(ValueError, match="need 0 <= noise_final <= noise_initial"):
+        TemperatureSchedule(noise_final=2.0)
 
 
 def test_training_advances_the_schedule_and_assigns_one_hot() -> None:

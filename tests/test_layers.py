@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"base", "sid", "modules", "data"},
     "quantizers": {"base", "sid", "modules"},
     "train": {"base", "sid", "modules", "data", "models", "quantizers"},
-    "top": {"base", "sid", "modules", "data", "models", "quantizers", "train", "jobs", "top"},
+    "serving": {"base", "sid", "modules", "models"},
+    "top": {"base", "sid", "modules", "data", "models", "quantizers", "train", "serving", "jobs", "top"},
 }
 
 
@@ -68,6 +69,10 @@ def test_no_module_imports_a_higher_layer() -> None:
     ("torchrec_sid.modules", ("torchrec_sid.quantizers", "torchrec_sid.train", "torchrec_sid.data",
                               "torchrec_sid.jobs", "pandas", "sentence_transformers", "matplotlib", "yaml")),
     ("torchrec_sid.sid", ("torchrec_sid.quantizers", "torchrec_sid.modules", "torchrec_sid.train", "torchrec")),
+    ("torchrec_sid.serving.artifact", ("torchrec_sid.quantizers", "torchrec_sid.train", "torchrec_sid.data",
+                                       "torchrec_sid.models", "torchrec_sid.modules", "torchrec", "pandas", "yaml")),
+    ("torchrec_sid.serving.serve", ("torchrec_sid.quantizers", "torchrec_sid.train", "torchrec_sid.data",
+                                    "torchrec_sid.jobs", "pandas", "yaml")),
 ])
 def test_importing_a_low_layer_loads_nothing_above_it(package: str, absent: tuple[str, ...]) -> None:
     code = (f"import sys, {package}\n"

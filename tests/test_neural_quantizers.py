@@ -118,6 +118,43 @@ def test_dpca_encodes_ternary_digits_and_is_exact_on_its_own_codewords():
     assert torch.equal(out.codes, codes)
 
 
+@pytest.mark.parametrize("buckets", [2, 4, 64])
+def test_dpca_with_more_buckets_is_exact_on_its_own_codewords_and_centres_its_digits(buckets: int):
+    """The paper's 4- and 64-bucket setups: digits in [0, buckets), centred at (buckets - 1) / 2, every codeword of
+    the scalar codebook encodes back to itself."""
+    bottleneck = DPCABottleneck(groups=1, depth=2, latent_dim=2, commitment=0.0, buckets=buckets).eval()
+    with torch.no_grad():
+        bottleneck.directions.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    codes = torch.tensor(list(itertools.product(range(buckets), repeat=2)))
+    assert torch.equal(bottleneck(bottleneck.lookup(codes)).codes, codes)
+    centre = (buckets - 1) / 2
+    assert torch.allclose(bottleneck.lookup(codes), codes.float() - centre)
+    q = DPCA(groups=1, depth=3, latent_dim=4, buckets=buckets, **TINY).fit(items()["text"])
+    assert q.cardinalities == [buckets] * 3 and q.digit_centres == [centre] * 3
+    assert int(q.encode(items()["text"]).min()) >= 0 and int(q.encode(items()["text"]).max()) < buckets
+
+
+def test_dpca_commitment_targets_differ_and_only_the_per_level_form_weighs_each_level():
+    """``total`` adds ``c ||z - sg(sum_l q_l)||^2`` once; ``level`` adds ``c ||r_l - sg(q_l)||^2`` per level."""
+    torch.manual_seed(0)
+    z = torch.randn(16, 4)
+    losses = {}
+    for target in ("total", "level"):
+        torch.manual_seed(1)
+        bottleneck = DPCABottleneck(groups=1, depth=3, latent_dim=4, commitment=0.5, commitment_target=target)
+        torch.manual_seed(1)
+        free = DPCABottleneck(groups=1, depth=3, latent_dim=4, commitment=0.0, commitment_target=target)
+        out, base = bottleneck(z), free(z)
+        normed = torch.nn.functional.batch_norm(z, None, None, training=True)
+        if target == "total":
+            expected = 0.5 * ((normed - out.z_q.detach()) ** 2).sum(-1).mean()
+            torch.testing.assert_close(out.loss - base.loss, expected)
+        losses[target] = out.loss.item() - base.loss.item()
+    assert losses["level"] > losses["total"] > 0
+    with pytest.raises(ValueError, match="commitment_target must be one of"):
+        DPCA(commitment_target="per_level").check_params()
+
+
 @pytest.mark.parametrize("method", ["fsq", "dpca"])
 def test_semantic_ids_carry_the_digit_structure_through_packing(method, tmp_path: Path):
     q = build(method).fit(inputs(method))
@@ -407,3 +444,50 @@ def test_orthogonality_loss_is_zero_for_orthogonal_experts_and_counts_shared_dir
     same = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
     assert orthogonality_loss(same) == pytest.approx(2.0)  # cos = 1, counted for (0, 1) and (1, 0)
     assert mean_abs_cosine(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])) == pytest.approx(2 ** -0.5 * 2 / 3)
+
+
+@pytest.mark.parametrize("form", ["outputs", "layers", "weights"])
+def test_mmq_orthogonality_forms_give_a_finite_penalty_with_gradients(form: str):
+    q = build("mmq", orthogonality=form)
+    model = q._seeded_model({"text": 24, "genres": 5})
+    losses, _ = model.loss_terms(items(num_items=32))
+    losses["ortho"].backward()
+    first_layer = model.shared[0][0].weight
+    assert torch.isfinite(losses["ortho"]) and losses["ortho"] > 0 and first_layer.grad.abs().sum() > 0
+
+
+def test_mmq_output_orthogonality_penalty_lowers_inter_expert_similarity():
+    """The issue's fix: with the penalty on the experts' centred outputs, raising gamma makes the experts of a group
+    compute less similar things (the flattened-weight form left this similarity unchanged)."""
+    x = items()
+
+    def similarity(gamma: float) -> float:
+        q = build("mmq", gamma=gamma, orthogonality="outputs", max_epochs=8, patience=8).fit(x)
+        sims = q.model_.output_similarity(x)
+        assert set(sims) == {"shared", "text", "genres"}
+        return sum(sims.values()) / len(sims)
+
+    without, with_penalty = similarity(0.0), similarity(1.0)
+    assert with_penalty < 0.6 * without, (without, with_penalty)
+
+
+def test_utilisation_is_reported_before_and_after_reseeding_and_reseeding_can_be_switched_off():
+    """The papers' utilisation differences need the method's own utilisation: without re-seeding no code moves and
+    the history's before / after values agree; with it, the after value counts the revived codes."""
+    x = items()
+    kept = build("rq_vae", codebook_size=64, max_epochs=3, patience=3, reseed_dead_codes=False).fit(x["text"])
+    assert all(e["reseeded"] == 0 and e["utilization_after_reseed"] == e["utilization"] for e in kept.history_)
+    fitted = kept.history_[-1]["fitted_utilization"]
+    codes = kept.encode(x["text"])
+    assert len(fitted) == 2 and fitted[0] == len(torch.unique(codes[kept_train_rows(kept), 0])) / 64
+    reseeded = build("rq_vae", codebook_size=64, max_epochs=3, patience=3).fit(x["text"])
+    moved = [e for e in reseeded.history_ if e["reseeded"]]
+    assert moved and all(0 < e["utilization_after_reseed"] <= 1 for e in moved)
+    assert sum(reseeded.history_[-1]["fitted_utilization"]) > sum(fitted)  # maintenance raises what encode shows
+
+
+def kept_train_rows(q: Quantizer) -> torch.Tensor:
+    """The training rows of a fit (the seeded split of ``fit``)."""
+    from torchrec_sid.quantizers.autoencoder import split_rows
+
+    return split_rows(300, q.valid_frac, torch.Generator().manual_seed(q.seed))[0]

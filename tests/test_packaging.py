@@ -52,7 +52,7 @@ def test_demo_dry_run_finds_its_configs_and_components_from_any_folder(tmp_path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"examples: {ROOT / 'examples'}; TorchX components: {ROOT / 'launch' / 'components.py'}" in proc.stdout
     assert f"outputs: {tmp_path / 'here'}" in proc.stdout
-    assert "4 quantize and 8 TorchX training jobs ready; nothing was run" in proc.stdout
+    assert "6 quantize and 12 TorchX training jobs ready; nothing was run" in proc.stdout
     assert list(tmp_path.iterdir()) == [], "a dry run writes nothing"
 
 

@@ -223,3 +223,90 @@ def test_export_with_dynamic_kjt_shapes_saves_and_reloads(tmp_path: Path) -> Non
                                                 lengths=torch.tensor([1, 1, 1, 1, 2, 4]))
     torch.testing.assert_close(reloaded(other), model(other))
     torch.testing.assert_close(reloaded(batch()), model(batch()))
+
+
+def test_singh_non_overlapping_ngrams_group_levels_without_overlap() -> None:
+    """Singh et al.'s Bigram-SID: 8 levels give 4 tables (sliding windows give 7); 3 levels give (c_0 c_1) + (c_2)."""
+    eight = SemanticIds(torch.randint(0, 4, (6, 8), generator=torch.Generator().manual_seed(0)), [4] * 8, "test", {})
+    singh = SidFeatureTransform(eight, ["item_id"], ngram_orders=[], ngram_groups=[2])
+    sliding = SidFeatureTransform(eight, ["item_id"], ngram_orders=[2])
+    assert singh.table_names() == ["sid_group2_l0", "sid_group2_l2", "sid_group2_l4", "sid_group2_l6"]
+    assert len(sliding.table_names()) == 7 and singh.num_embeddings() == [16] * 4
+    groups = SidFeatureTransform(SIDS, ITEM_FEATURES, ngram_orders=[], ngram_groups=[2])
+    assert groups.table_names() == ["sid_group2_l0", "sid_group2_l2"] and groups.num_embeddings() == [16, 8]
+    out = groups(batch())
+    # item 3 -> (1, 2, 3): group (c_0 c_1) packs to 1 + 4 * 2 = 9, group (c_2) is 3
+    assert out["item_id__sid_group2_l0"].values()[0] == 9 and out["item_id__sid_group2_l2"].values()[0] == 3
+    assert out["history_item_ids__sid_group2_l0"].lengths().tolist() == [2, 0, 3]
+
+
+def spm_sids() -> tuple[SemanticIds, object]:
+    """40 items whose first two levels repeat in 4 patterns (so SentencePiece merges them), pieces of 24."""
+    from torchrec_sid.sid.pieces import fit_sid_sentencepiece
+
+    pytest.importorskip("sentencepiece")
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.tensor([[0, 1], [2, 3], [1, 1], [3, 0]])
+    codes = torch.cat([patterns[torch.arange(40) % 4], torch.randint(0, 8, (40, 1), generator=g)], dim=1)
+    sids = SemanticIds(codes, [4, 4, 8], "test", {})
+    return sids, fit_sid_sentencepiece(sids, vocab_size=24, seed=0)
+
+
+def test_sentencepiece_tokens_are_each_items_pieces_with_a_fixed_vocabulary() -> None:
+    """Singh et al.'s SPM-SID: each item's variable number of pieces, concatenated per example; deterministic."""
+    from torchrec_sid.sid.pieces import fit_sid_sentencepiece
+
+    sids, pieces = spm_sids()
+    assert torch.equal(fit_sid_sentencepiece(sids, vocab_size=24, seed=0).pieces, pieces.pieces)
+    counts = pieces.offsets[1:] - pieces.offsets[:-1]
+    assert counts.min() >= 1 and counts.max() <= 3 and (counts < 3).any(), "frequent code runs become one piece"
+    t = SidFeatureTransform(sids, ["item_id", "history_item_ids"], ngram_orders=[1], spm=pieces)
+    assert t.table_names()[-1] == "sid_spm" and t.num_embeddings()[-1] == pieces.vocab_size
+    features = KeyedJaggedTensor.from_lengths_sync(keys=["item_id", "history_item_ids"],
+                                                   values=torch.tensor([3, 7, 5, 3, 9]),
+                                                   lengths=torch.tensor([1, 1, 0, 3]))
+    out = t(features).to_dict()
+    item, history = out["item_id__sid_spm"], out["history_item_ids__sid_spm"]
+    assert item.values().tolist() == pieces.item_pieces(3) + pieces.item_pieces(7)
+    assert item.lengths().tolist() == [int(counts[3]), int(counts[7])]
+    assert history.values().tolist() == pieces.item_pieces(5) + pieces.item_pieces(3) + pieces.item_pieces(9)
+    assert history.lengths().tolist() == [0, int(counts[5] + counts[3] + counts[9])]
+    ebc = EmbeddingBagCollection(tables=t.embedding_bag_configs(4))
+    assert ebc(t(features)).values().shape == (2, 4 * 8)
+    torch.testing.assert_close(symbolic_trace(t)(features).values(), t(features).values())
+
+
+def test_sentencepiece_tokens_map_unknown_items_to_the_oov_piece() -> None:
+    sids, pieces = spm_sids()
+    t = SidFeatureTransform(sids, ["item_id"], ngram_orders=[1], spm=pieces, unknown_ids="oov")
+    out = t(KeyedJaggedTensor.from_lengths_sync(keys=["item_id"], values=torch.tensor([99, 0]),
+                                                lengths=torch.tensor([1, 1]))).to_dict()["item_id__sid_spm"]
+    assert out.values().tolist() == [pieces.vocab_size, *pieces.item_pieces(0)]
+    assert t.num_embeddings()[-1] == pieces.vocab_size + 1
+
+
+def test_sentencepiece_tokens_export_with_a_dynamic_batch() -> None:
+    """Pieces have a data-dependent count, yet the transform exports (non-strict) and runs another batch shape."""
+    sids, pieces = spm_sids()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transform = SidFeatureTransform(sids, ITEM_FEATURES, ngram_orders=[1], spm=pieces, unknown_ids="oov")
+            torch.manual_seed(0)
+            self.ebc = EmbeddingBagCollection(tables=self.transform.embedding_bag_configs(4))
+
+        def forward(self, features: KeyedJaggedTensor) -> Tensor:
+            return self.ebc(self.transform(features)).values()
+
+    model = Model()
+    example = KeyedJaggedTensor.from_lengths_sync(keys=ITEM_FEATURES, values=torch.tensor([3, 7, 5, 3, 9]),
+                                                  lengths=torch.tensor([1, 1, 0, 3]))
+    shapes = ShapesCollection()
+    shapes[example.values()] = {0: Dim.AUTO}
+    shapes[example.lengths()] = {0: Dim.AUTO}
+    program = torch.export.export(model, (example,), dynamic_shapes=shapes.dynamic_shapes(model, (example,)),
+                                  strict=False)
+    other = KeyedJaggedTensor.from_lengths_sync(keys=ITEM_FEATURES, values=torch.tensor([1, 2, 8, 5, 3, 9, 0, 99]),
+                                                lengths=torch.tensor([1, 1, 1, 2, 3, 0]))
+    torch.testing.assert_close(program.module()(other), model(other))

@@ -130,6 +130,24 @@ def test_embeds_the_packed_codes_of_an_ordinal_quantizer(name: str, settings: di
     torch.testing.assert_close(module.digits(packed), sids.codes - torch.tensor(sids.digit_centres))
 
 
+def test_from_semantic_ids_leaves_out_the_collision_suffix_and_refuses_it_by_name(tmp_path: Path) -> None:
+    """The suffix numbers items sharing a code: by default SIDE reads the levels before it, and asking for the suffix
+    level raises naming it; an artifact saved before ``suffix_level`` existed reads it from its config."""
+    codes = torch.tensor([[0, 2, 3], [0, 2, 3], [2, 1, 0]])
+    sids = SemanticIds(codes, [3, 3, 4], "dpca", {}, digit_centres=[1.0, 1.0, 1.5]).with_collision_suffix()
+    assert sids.suffix_level == 3 and sids.code_levels == 3 and sids.codes[:, 3].tolist() == [0, 1, 0]
+    module = SIDEmbedding.from_semantic_ids(sids, embedding_dim=4)
+    assert module.radices == [3, 3, 4]
+    with pytest.raises(ValueError, match=r"num_levels=4 would read level 3, the collision suffix .*cardinality 2"):
+        SIDEmbedding.from_semantic_ids(sids, embedding_dim=4, num_levels=4)
+    sids.save(tmp_path / "new.safetensors")
+    assert SemanticIds.load(tmp_path / "new.safetensors").suffix_level == 3
+    old_style = SemanticIds(sids.codes, sids.cardinalities, "dpca", {"collision_suffix": True},
+                            digit_centres=sids.digit_centres)  # what older files hold: no suffix_level field
+    old_style.save(tmp_path / "old.safetensors")
+    assert SemanticIds.load(tmp_path / "old.safetensors").suffix_level == 3
+
+
 def test_from_semantic_ids_refuses_categorical_codes() -> None:
     categorical = SemanticIds(torch.tensor([[0, 2], [2, 1]]), [3, 3], "rq_kmeans", {})
     with pytest.raises(ValueError, match="artifact of quantizer 'rq_kmeans' has categorical codes"):

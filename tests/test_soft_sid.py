@@ -7,6 +7,7 @@ import torch
 from torchrec.fx import symbolic_trace
 
 from torchrec_sid.modules import SoftSidEmbedding, add_auxiliary_loss
+from torchrec_sid.modules.soft_sid import PAPER_STAGE2_WEIGHTS
 from torchrec_sid.quantizers.mmq import MMQ, MMQTokenizer
 
 SIGNALS = {"text": "mse", "meta": "mse"}
@@ -62,6 +63,20 @@ def test_regulariser_weights_enter_the_loss(fitted) -> None:
         grads.append(soft.tokenizer.decoder[0].weight.grad)
     assert grads[0] is None or grads[0].abs().sum() == 0
     assert grads[1].abs().sum() > 0
+
+
+def test_paper_stage2_weights_are_half_recon_half_aux_and_no_vq_term(fitted) -> None:
+    """The paper's L_down + 0.5 L_recon + 0.5 L_aux: the regulariser is exactly that, with no codebook term."""
+    q, x = fitted
+    paper = _soft(fitted, **PAPER_STAGE2_WEIGHTS)
+    paper(torch.arange(30))
+    losses, _ = _copy(q).loss_terms({m: v[:30] for m, v in x.items()})
+    torch.testing.assert_close(paper.last_regulariser, 0.5 * losses["recon"] + 0.5 * losses["aux"])
+    library = _soft(fitted, recon_weight=12.0, aux_weight=10.0)
+    library(torch.arange(30))
+    torch.testing.assert_close(library.last_regulariser, 12 * losses["recon"] + 10 * losses["aux"] + losses["vq"])
+    with pytest.raises(ValueError, match="vq_weight must be >= 0, got -1"):
+        _soft(fitted, vq_weight=-1.0)
 
 
 def test_add_auxiliary_loss_adds_the_loss_gradient() -> None:

@@ -70,6 +70,11 @@ def test_mistakes_are_refused_naming_file_field_and_value(text: str, message: st
     ("seed: -1", r"c.yaml: seed = -1: must be >= 0"),
     ("", r"c.yaml: expected a mapping of TrainConfig fields, got an empty file"),
     ("model: {embedding_dim: 8.5}", r"c.yaml: model.embedding_dim = 8.5: expected an integer"),
+    ("embedding_learning_rate: .nan", r"c.yaml: embedding_learning_rate = nan: expected a finite number"),
+    ("model: {dense_layers: [0]}", r"c.yaml: model: model.dense_layers must be a list of layer sizes >= 1, got \[0\]$"),
+    ("model: {dense_layers: [-5]}", r"c.yaml: model: model.dense_layers must be a list of layer sizes >= 1, got \[-5"),
+    ("model: {over_layers: [64, 0]}", r"c.yaml: model: model.over_layers must be a list of layer sizes >= 1, "
+                                      r"got \[64, 0\]"),
 ])
 def test_train_config_mistakes_are_refused_at_load(tmp_path, text: str, message: str) -> None:
     from torchrec_sid.train.config import TrainConfig
@@ -96,3 +101,16 @@ def test_a_config_built_in_python_is_held_to_the_same_bounds() -> None:
 
     with pytest.raises(ValueError, match=r"TrainConfig.learning_rate = -0.1: must be > 0"):
         TrainConfig(learning_rate=-0.1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("metrics_sample: 0", r"q.yaml: metrics_sample = 0: must be >= 1$"),
+    ("collision_suffix: 'false'", r"q.yaml: collision_suffix = 'false': expected true or false"),
+    ("quantizer: {tol: 1e-3}\nsignals: text", r"q.yaml: signals = 'text': expected a list"),
+])
+def test_quantize_config_mistakes_are_refused_at_load(tmp_path, text: str, message: str) -> None:
+    from torchrec_sid.jobs.quantize import QuantizeConfig
+
+    (tmp_path / "q.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        QuantizeConfig.from_yaml(tmp_path / "q.yaml")

@@ -34,12 +34,34 @@ class ChecksumError(ValueError):
     """A file's content does not match the checksum recorded for it."""
 
 
+class CacheError(OSError):
+    """The cache folder cannot be used (a file in its place, a read-only or full file system); the message names
+    ``$TORCHREC_SID_CACHE`` and the way out."""
+
+
 def cache_dir(*parts: str) -> Path:
-    """The library's cache folder (``$TORCHREC_SID_CACHE`` or ``~/.cache/torchrec_sid``), created on demand."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "torchrec_sid")
+    """The library's cache folder (``$TORCHREC_SID_CACHE`` or ``~/.cache/torchrec_sid``), created on demand.
+
+    Raises :class:`CacheError` naming the variable when the folder cannot be created.
+    """
+    from_env = os.environ.get(CACHE_ENV)
+    root = Path(from_env or Path.home() / ".cache" / "torchrec_sid")
     path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(_cache_problem(root, path, e, from_env is not None)) from e
     return path
+
+
+def _cache_problem(root: Path, path: Path, error: OSError, from_env: bool) -> str:
+    where = f"${CACHE_ENV}={root}" if from_env else f"the cache folder {root} (${CACHE_ENV} is not set)"
+    blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None or isinstance(error, (NotADirectoryError, FileExistsError)):
+        what = "is a file" if blocker == root else f"is inside the file {blocker}" if blocker else "is not a folder"
+        return f"{where} {what}, not a folder; set ${CACHE_ENV} to a folder (it is created if missing)"
+    return (f"{where}: cannot create {path} ({error.strerror or error}); set ${CACHE_ENV} to a writable folder "
+            f"(a read-only cache works only once it holds every file)")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -103,6 +125,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+@contextlib.contextmanager
+def published_together(*targets: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yields one staging path per target (a hidden file in the target's folder): write each file to its staging
+    path inside the block. When the block ends, the staged files are renamed onto their targets in order; if the
+    block raises (a full disk, a failed write) nothing is renamed and every staged file is removed, so the targets
+    keep their previous contents together.
+
+    Only the renames, back to back, are not one atomic step: a crash between two of them leaves the earlier targets
+    new and the later ones old. Write last a file that records the others' SHA-256 (as the SID table records its
+    quantizer's), so a reader can tell (:func:`check_recorded_sha256`).
+
+    Example::
+
+        with published_together("q.safetensors", "sids.safetensors") as (q_tmp, sids_tmp):
+            quantizer.save(q_tmp)
+            sids.save(sids_tmp)   # raises: neither file is replaced
+    """
+    paths = [Path(t) for t in targets]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    staged = [path.with_name(f".{path.name}.{os.getpid()}.staged") for path in paths]
+    try:
+        yield staged
+        for tmp, path in zip(staged, paths, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def check_recorded_sha256(path: str | os.PathLike, recorded: str | None, what: str) -> None:
+    """Raises :class:`ChecksumError` when ``path`` is not the file whose SHA-256 ``recorded`` names (``what`` says
+    who recorded it); ``recorded`` None (a file written before digests were recorded) checks nothing."""
+    if recorded is None:
+        return
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise ChecksumError(f"{path} is not the file {what} records (sha256 {actual[:12]}..., recorded "
+                            f"{recorded[:12]}...): the two were not published together")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
@@ -141,7 +204,14 @@ def save_artifact(path: str | Path, kind: str, tensors: dict[str, Tensor], meta:
     header = {"kind": kind, "format_version": str(format_version),
               "meta": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
     header["sha256"] = _digest(header, tensors)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, tmp, metadata=header)
+        except SafetensorError as e:  # safetensors reports a full disk or an I/O error as its own exception
+            raise OSError(f"cannot write {path}: {e}") from e
+
+    return atomic_write(path, write)
 
 
 def load_artifact(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -18,6 +18,12 @@ key                  values per example    meaning
 ``history_timestamps`` same as above       their unix timestamps (seconds)
 ``timestamp``        1                     the event's unix timestamp (seconds)
 ==================== ===================== ====================================================
+
+With ``sid_codes`` (the SIDs-as-features path) the batch also carries, for ``item_id`` and ``history_item_ids``,
+each item's SID code per level: ``<feature>__code<l>`` with the feature's lengths (``-1`` for an item the SID table
+does not hold), looked up from a :class:`~torchrec_sid.sid.versions.SidTable` or the newest version of a
+:class:`~torchrec_sid.sid.versions.SidStore` at every batch, so items published after the model was built get their
+SIDs in the next batch (:class:`~torchrec_sid.modules.sid_codes.SidCodeTransform` reads them).
 """
 
 from __future__ import annotations
@@ -32,12 +38,42 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_sid.sid.features import CodeSource, code_feature_names
+
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 ITEM_GENRES = "item_genres"
 HISTORY_ITEM_IDS = "history_item_ids"
 HISTORY_TIMESTAMPS = "history_timestamps"
 TIMESTAMP = "timestamp"
+CODE_SOURCES = (ITEM_ID, HISTORY_ITEM_IDS)  # the item features whose SID codes a batch carries with ``sid_codes``
+
+Column = tuple[str, np.ndarray, np.ndarray]  # (key, values [n], lengths [B]) of one KJT feature
+
+
+def code_columns(columns: list[Column], sid_codes: CodeSource, sources: tuple[str, ...] = CODE_SOURCES,
+                 num_levels: int | None = None) -> list[Column]:
+    """The code features ``<f>__code<l>`` of each item feature ``f`` of ``sources`` among ``columns``: the items'
+    codes (first ``num_levels`` levels, None: all) from ``sid_codes``, with ``f``'s lengths."""
+    levels = sid_codes.num_levels if num_levels is None else num_levels
+    by_name = {name: (values, lengths) for name, values, lengths in columns}
+    out: list[Column] = []
+    for feature in sources:
+        if feature not in by_name:
+            raise ValueError(f"sid_codes: the batch has no item feature {feature!r} (its features: {sorted(by_name)})")
+        values, lengths = by_name[feature]
+        codes = sid_codes.codes_of(values).numpy()
+        out += [(name, codes[:, level], lengths) for level, name in enumerate(code_feature_names(feature, levels))]
+    return out
+
+
+def columns_to_kjt(columns: list[Column]) -> KeyedJaggedTensor:
+    """One KJT of ``columns`` in order (int64 values, int32 lengths)."""
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[k for k, _, _ in columns],
+        values=torch.from_numpy(np.concatenate([v for _, v, _ in columns]).astype(np.int64)),
+        lengths=torch.from_numpy(np.concatenate([ln for _, _, ln in columns]).astype(np.int32)),
+    )
 
 
 @dataclass(frozen=True)
@@ -214,6 +250,9 @@ class CtrBatches(torch.utils.data.IterableDataset):
         rank, world_size: this process takes every ``world_size``-th batch starting at ``rank``; all ranks see
             the same number of batches (the ragged tail is dropped when ``world_size > 1``).
         drop_last: drop a final batch smaller than ``batch_size``.
+        sid_codes: add the SID code features of the candidate and history items (module docstring), looked up at
+            every batch (a :class:`~torchrec_sid.sid.versions.SidStore` serves its newest version).
+        code_levels: code levels carried (None: all of the source's).
 
     Example::
 
@@ -234,6 +273,8 @@ class CtrBatches(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        sid_codes: CodeSource | None = None,
+        code_levels: int | None = None,
     ) -> None:
         super().__init__()
         if split not in data.splits:
@@ -253,6 +294,8 @@ class CtrBatches(torch.utils.data.IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last or world_size > 1
+        self.sid_codes = sid_codes
+        self.code_levels = code_levels
         self.epoch = 0
         self.start_batch = 0
         self._genre_offsets, self._genre_values = self._genres_csr(data.catalog.item_genres)
@@ -294,7 +337,7 @@ class CtrBatches(torch.utils.data.IterableDataset):
         genre_pos = _ranges(self._genre_offsets[s.items], genre_len)
         ones = np.ones(len(s), dtype=np.int64)
 
-        features: list[tuple[str, np.ndarray, np.ndarray]] = [(USER_ID, s.users, ones)]
+        features: list[Column] = [(USER_ID, s.users, ones)]
         features += [(name, ids[s.users], ones) for name, ids in cat.user_features.items()]
         features += [
             (ITEM_ID, s.items, ones),
@@ -303,11 +346,9 @@ class CtrBatches(torch.utils.data.IterableDataset):
             (HISTORY_TIMESTAMPS, hist.timestamps[hist_pos], hist_len),
             (TIMESTAMP, s.timestamps, ones),
         ]
-        sparse = KeyedJaggedTensor.from_lengths_sync(
-            keys=[k for k, _, _ in features],
-            values=torch.from_numpy(np.concatenate([v for _, v, _ in features]).astype(np.int64)),
-            lengths=torch.from_numpy(np.concatenate([ln for _, _, ln in features]).astype(np.int32)),
-        )
+        if self.sid_codes is not None:
+            features += code_columns(features, self.sid_codes, num_levels=self.code_levels)
+        sparse = columns_to_kjt(features)
         dense = np.concatenate(
             [cat.dense_user[s.users], cat.dense_item[s.items], np.log1p(hist_len)[:, None] / 5.0], axis=1
         )

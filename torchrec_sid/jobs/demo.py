@@ -1,5 +1,8 @@
 """The README's main job, MovieLens-100k end to end: data -> content embeddings -> SIDs -> sharded 2-process
-training of a few DLRM configs through TorchX -> a results table (terminal) and chart (PNG).
+training of a few DLRM configs through TorchX -> a results table (terminal) and chart (PNG); then the question a
+catalogue with a long tail asks, on the synthetic long-tail source (100,000 items, clicks decided by content): at
+an equal row budget (1/32 of the catalogue), hashed item ids against SID tokens and table-free SIDE, with the full
+id table as the ceiling, on the test period's head, tail (1..5 training impressions) and cold (none) items.
 
 Every stage is a command a user would run by hand (``torchrec-sid quantize --config examples/quantize_*.yaml``,
 ``torchx run -s local_cwd sid.train --config examples/movielens_*.yaml --nproc 2``). The example configs and the
@@ -16,6 +19,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,10 +28,14 @@ from torchrec_sid.jobs.quantize import QuantizeConfig
 from torchrec_sid.jobs.quantize import run as quantize
 from torchrec_sid.report import format_metric, format_results
 
-QUANTIZE = ("quantize_rq_kmeans", "quantize_rq_gmm", "quantize_dpca", "quantize_mmq")
+QUANTIZE = ("quantize_rq_kmeans", "quantize_rq_gmm", "quantize_dpca", "quantize_mmq", "quantize_synthetic_tail",
+            "quantize_synthetic_tail_dpca")
 # finetune_mmq (MMQ stage 2) writes the fine-tuned SIDs that movielens_sid_mmq_ft trains on
 TRAIN = ("movielens_id", "movielens_sid_rq_kmeans", "movielens_sid_rq_gmm", "movielens_side", "movielens_sid_mmq",
-         "movielens_finetune_mmq", "movielens_sid_mmq_ft", "movielens_hist_din")
+         "movielens_finetune_mmq", "movielens_sid_mmq_ft", "movielens_hist_din",
+         # equal memory on the synthetic long tail: 100,000-row id table vs 3,125 rows of hashed ids / SID tokens
+         "synthetic_tail_id", "synthetic_tail_id_hash", "synthetic_tail_sid", "synthetic_tail_side")
+SLICES = ("all", "head", "tail", "cold")
 
 
 def packaged_file(package: str, name: str) -> Path:
@@ -85,8 +93,8 @@ def run(ml100k: str | None = None, out: str = "outputs/demo", nproc: int = 2, dr
         if fitted is None:  # only a rank > 0 of a distributed fit returns nothing; the demo runs in one process
             raise RuntimeError(f"quantize {name} returned no SemanticIds")
         m = fitted.metrics
-        sids[config.method] = Path(config.out)
-        print(f"[sids] {config.method:<10} rmse {format_metric(m['rmse'], '.5f')}  cosine loss "
+        sids[name.removeprefix("quantize_")] = Path(config.out)
+        print(f"[sids] {name.removeprefix('quantize_'):<10} rmse {format_metric(m['rmse'], '.5f')}  cosine loss "
               f"{format_metric(m['cosine_loss'], '.4f')}  utilisation {min(m['utilization']):.3f}  recall@20 "
               f"{m.get('recall@20', float('nan')):.3f}  -> {config.out}")
 
@@ -97,6 +105,7 @@ def run(ml100k: str | None = None, out: str = "outputs/demo", nproc: int = 2, dr
               f"{results[-1]['metrics']['cold']['auc']:.4f}")
 
     print(format_results(results))
+    print(format_slices(results))
     (root / "results.json").write_text(json.dumps(results, indent=2))
     plot_results(results, root / "results.png")
     print(f"[demo] results in {root}/results.json and {root}/results.png; {time.perf_counter() - t0:.0f} s in all")
@@ -114,7 +123,7 @@ def _plan(root: Path, ml100k: str | None, nproc: int) -> list[dict]:
     sids: dict[str, Path] = {}
     for name in QUANTIZE:
         config = _quantize_config(name, root, ml100k)
-        sids[config.method] = Path(config.out)
+        sids[name.removeprefix("quantize_")] = Path(config.out)
         print(f"[dry-run] quantize {config.method:<10} {example(name)} -> {config.out}")
     for name in TRAIN:
         command = _torchx_command(name, root / "train" / name, sids, ml100k, nproc)
@@ -155,25 +164,60 @@ def _train_with_torchx(name: str, out: Path, sids: dict[str, Path], ml100k: str 
     return json.loads((out / "results.json").read_text())
 
 
+def format_slices(results: list[dict]) -> str:
+    """A table of the test period by the candidate's training impressions: AUC and GAUC of all items, head, tail
+    (1..k) and cold (none), with each run's item-embedding rows (``item_rows``: the memory it spends on items)."""
+    head = f"{'run':<28} {'item rows':>10}" + "".join(f" {s + ' AUC':>9}" for s in SLICES) + \
+        "".join(f" {s + ' GAUC':>10}" for s in ("all", "tail", "cold"))
+    lines = ["Test period by training impressions (tail: 1..k, cold: none; GAUC: per-user AUC weighted by "
+             "impressions, users with one class skipped)", head]
+    for r in results:
+        m = r["metrics"]
+        if "slice_all" not in m:
+            continue
+        lines.append(f"{r['name']:<28} {r.get('item_rows', 0):>10,}" + "".join(
+            f" {m[f'slice_{s}']['auc']:>9.4f}" for s in SLICES) + "".join(
+            f" {m[f'slice_{s}'].get('gauc') or float('nan'):>10.4f}" for s in ("all", "tail", "cold")))
+    k = next((r["metrics"]["slice_tail"]["tail_impressions"] for r in results if "slice_tail" in r["metrics"]), None)
+    return "\n".join(lines) + (f"\n(k = {k})" if k is not None else "")
+
+
 def plot_results(results: list[dict], path: Path) -> None:
-    """Bar chart of test and cold-start AUC per run."""
+    """Bar chart of test and cold-start AUC per run, and of the slices' AUC of the equal-memory runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sliced = [r for r in results if r["config"]["data"] == "synthetic" and "slice_all" in r["metrics"]]
+    results = [r for r in results if r not in sliced]
     names = [r["name"] for r in results]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    fig, (ax, bottom) = plt.subplots(2, 1, figsize=(1.6 * max(len(names), len(sliced), 4) + 2, 8.5))
     width = 0.38
     for offset, split in ((-width / 2, "test"), (width / 2, "cold")):
         values = [r["metrics"][split]["auc"] for r in results]
         bars = ax.bar([i + offset for i in range(len(names))], values, width, label=f"{split} AUC")
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=15)
-    ax.set_ylim(0.5, max(r["metrics"]["test"]["auc"] for r in results) + 0.05)
+    ax.set_ylim(0.5, max((r["metrics"]["test"]["auc"] for r in results), default=0.7) + 0.05)
     ax.set_ylabel("AUC")
     ax.set_title("MovieLens-100k: temporal test split and cold-start items (2-process sharded training)")
     ax.legend()
+    _plot_slices(bottom, sliced)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_slices(ax: Any, results: list[dict]) -> None:
+    """The equal-memory runs: AUC of every slice, the item rows in the labels."""
+    width = 0.8 / len(SLICES)
+    for k, name in enumerate(SLICES):
+        values = [r["metrics"][f"slice_{name}"]["auc"] for r in results]
+        bars = ax.bar([i + (k - 1.5) * width for i in range(len(results))], values, width, label=f"{name} AUC")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(results)), [f"{r['name']}\n{r.get('item_rows', 0):,} item rows" for r in results])
+    ax.set_ylim(0.45, 0.75)
+    ax.set_ylabel("AUC")
+    ax.set_title("Synthetic long tail, equal memory: AUC by training impressions (tail 1..5, cold 0)")
+    ax.legend(ncol=4, fontsize=8)

@@ -17,12 +17,19 @@ HISTORY_BLOCKS = ("none", "pooling", "pma", "din", "sim", "dmqn")
 
 @dataclass(frozen=True)
 class SidTokenConfig:
-    """Which SID tokens ``item_arch`` looks up (see :class:`~torchrec_sid.modules.SidFeatureTransform`)."""
+    """Which SID tokens ``item_arch`` looks up (see :class:`~torchrec_sid.modules.SidFeatureTransform`);
+    ``unknown_ids``: ``raise``, or ``oov`` (an item the SID table does not hold gets each table's reserved last row).
+    ``row_budget``: rows of all the token tables together (the equal-memory setting): a table whose vocabulary fits
+    keeps it exactly, the larger ones share the rest equally, each hashed into its share (this sets the largest table
+    size, ``max_table_size`` is then unused). None: every table holds up to ``max_table_size`` rows.
+    """
 
     ngram_orders: tuple[int, ...] = (1,)
     prefix_lengths: tuple[int, ...] = ()
     num_levels: int | None = None
     max_table_size: int = 2**20
+    unknown_ids: str = "raise"
+    row_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -30,14 +37,16 @@ class SoftSidConfig:
     """MMQ stage 2 (``soft_sid``): soft-index temperature and the weights of the tokenizer's reconstruction
     (alpha') and auxiliary (beta') losses (see :class:`~torchrec_sid.modules.SoftSidEmbedding`).
 
-    The defaults keep stage 1's weights (12, 10). The paper's 0.5 / 0.5 let the ranking loss collapse one
-    expert's tokens onto a single code on MovieLens-100k (utilisation 1 / 64; collisions 31% -> 68%), at
-    tau = 0.1 and tau = 1 alike; with 12 / 10 every code stays in use.
+    The defaults keep stage 1's weights (12, 10, vq 1). The paper's setting is recon 0.5, aux 0.5, vq 0
+    (:data:`~torchrec_sid.modules.soft_sid.PAPER_STAGE2_WEIGHTS`): on MovieLens-100k (one seed) it let the ranking
+    loss collapse one expert's tokens onto a single code (utilisation 1 / 64; collisions 31% -> 68%), at tau = 0.1
+    and tau = 1 alike, for a valid AUC of 0.6892 against 0.6854 with 12 / 10, where every code stays in use.
     """
 
     tau: float = 0.1
     recon_weight: float = 12.0
     aux_weight: float = 10.0
+    vq_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
@@ -64,6 +73,13 @@ class ModelConfig:
         max_history: most recent history events the block sees (the padded length L).
         dense_layers: hidden sizes of the dense arch (its output is ``embedding_dim``).
         over_layers: hidden sizes of the over arch (its output is one logit).
+        sid_features: SIDs as input features: the batch carries each item's SID codes (``<feature>__code<l>``,
+            :func:`~torchrec_sid.sid.features.code_feature_names`) and ``sid`` / ``side`` / SIM read them, so the model
+            holds no per-item SID table (memory per rank flat in the catalogue size; new items need no rebuild).
+            False: the model looks SIDs up by item id in replicated per-item buffers (small catalogues).
+        id_buckets: the id table has this many rows and each item id is hashed into one (a fixed hash: the
+            equal-memory baseline of SID tokens); None: one row per item. Not with ``sid`` (one token transform per
+            item arch) nor ``id_dropout``; untrained items are not zeroed (their bucket is shared).
     """
 
     embedding_dim: int = 32
@@ -77,6 +93,8 @@ class ModelConfig:
     max_history: int = 50
     dense_layers: tuple[int, ...] = (64,)
     over_layers: tuple[int, ...] = (128, 64)
+    sid_features: bool = False
+    id_buckets: int | None = None
 
     def __post_init__(self) -> None:
         reps = tuple(self.item_representation)
@@ -92,9 +110,28 @@ class ModelConfig:
         for name in ("embedding_dim", "max_history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("dense_layers", "over_layers"):
+            sizes = getattr(self, name)
+            if isinstance(sizes, (str, bytes)) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+                raise ValueError(f"model.{name} must be a list of layer sizes >= 1, got {list(sizes)}")
+        if self.sid_tokens.unknown_ids not in ("raise", "oov"):
+            raise ValueError(f"model.sid_tokens.unknown_ids must be 'raise' or 'oov', got "
+                             f"{self.sid_tokens.unknown_ids!r}")
+        self._check_row_budgets(reps)
         if self.history_options and self.history_block in ("none", "pooling"):
             raise ValueError(f"model.history_options are given but history_block {self.history_block!r} "
                              f"takes none: {self.history_options}")
+
+    def _check_row_budgets(self, reps: tuple[str, ...]) -> None:
+        """``id_buckets`` and ``sid_tokens.row_budget``, the equal-memory settings."""
+        if self.id_buckets is not None and (self.id_buckets < 1 or "id" not in reps or "sid" in reps
+                                            or self.id_dropout):
+            raise ValueError(f"model.id_buckets ({self.id_buckets}) hashes the id table: it must be >= 1, with id "
+                             f"and without sid or id_dropout in item_representation {list(reps)} (id_dropout "
+                             f"{self.id_dropout})")
+        if self.sid_tokens.row_budget is not None and self.sid_tokens.row_budget < 1:
+            raise ValueError(f"model.sid_tokens.row_budget must be >= 1, got {self.sid_tokens.row_budget}")
 
     @property
     def needs_semantic_ids(self) -> bool:

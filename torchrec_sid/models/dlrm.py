@@ -8,7 +8,8 @@ are reused):
 * ``dense_arch``: the dense features through an MLP to ``d``.
 * :class:`ItemArch`: one ``d``-vector per item, for the candidate and for every history event, as the sum of its
   representations: item-id and SID-token tables in one ``EmbeddingCollection`` (the tokens derived from the item
-  ids by a :class:`~torchrec_sid.modules.SidFeatureTransform`; DistributedModelParallel shards the tables, candidate
+  ids by a :class:`~torchrec_sid.modules.SidFeatureTransform`, or from SID code features of the batch by a
+  :class:`~torchrec_sid.modules.sid_codes.SidCodeTransform`; DistributedModelParallel shards the tables, candidate
   and history share their rows), table-free :class:`~torchrec_sid.modules.SIDEmbedding` (SIDE) and
   :class:`~torchrec_sid.modules.SoftSidEmbedding` (MMQ stage 2: soft-indexed SID tokens of a trainable tokenizer;
   its small ``[E, K, d]`` tables are dense).
@@ -55,14 +56,17 @@ from torchrec_sid.modules import (
     SoftSidEmbedding,
 )
 from torchrec_sid.modules.history import jagged_to_padded
+from torchrec_sid.modules.sid_codes import SidCodeTransform
+from torchrec_sid.modules.sid_transform import MAX_TABLE_SIZE, hash_packed_ids, sid_tokens
 from torchrec_sid.modules.soft_sid import SoftIndexTokenizer
 from torchrec_sid.sid import SemanticIds
+from torchrec_sid.sid.features import code_feature_names
 from torchrec_sid.sid.packing import pack_codes
 
 __all__ = [
     "HISTORY_BLOCKS", "ITEM_REPRESENTATIONS", "ContentArch", "FeatureSchema", "HistoryArch", "ItemArch", "ItemVectors",
     "ModelConfig", "SidDLRM", "SidTokenConfig", "SoftSidConfig", "build_history_block", "check_model_inputs",
-    "count_parameters", "embedding_collections", "table_parameters",
+    "count_parameters", "embedding_collections", "replicated_buffer_bytes", "table_parameters",
 ]
 
 
@@ -75,6 +79,8 @@ class ItemVectors(NamedTuple):
     history_ids: Tensor  # [sum L]
     history_lengths: Tensor  # [B]
     history_ages: Tensor | None  # [sum L] float seconds, event time - request time (<= 0); None without timestamps
+    candidate_codes: Tensor | None = None  # [B, levels] SID codes from the batch (SIDs as features); else None
+    history_codes: Tensor | None = None  # [sum L, levels]
 
 
 class ItemArch(nn.Module):
@@ -86,8 +92,16 @@ class ItemArch(nn.Module):
         embedding_dim: d.
         embedding_collection: tables for ``item_feature`` / ``history_feature`` (the id representation) and for the
             token features ``transform`` derives from them; every feature of the collection must be one of these.
-        transform: derives SID token features from ``item_feature`` / ``history_feature`` (its feature names).
-        side: a SIDE embedding of the items' packed SIDs ``side_packed_ids`` (``[I]`` long, row i = item i).
+        transform: derives SID token features from ``item_feature`` / ``history_feature`` (its feature names): a
+            :class:`~torchrec_sid.modules.SidFeatureTransform` (an in-model per-item lookup, replicated on every
+            rank: :func:`~torchrec_sid.modules.sid_codes.lookup_table_bytes`) or a
+            :class:`~torchrec_sid.modules.sid_codes.SidCodeTransform` (reads ``code_features``; no per-item state).
+        code_features: the KJT features carrying the candidate's and the history's SID codes, level by level
+            (``([item__code0, ...], [history__code0, ...])``, the SIDs-as-features path): SIDE packs them, and
+            :class:`ItemVectors` carries them (SIM's search keys). None: SIDs come from per-item buffers.
+        side: a SIDE embedding of the items' packed SIDs: ``side_packed_ids`` (``[I]`` long, row i = item i,
+            replicated on every rank), or the first ``side.num_levels`` of ``code_features`` (an unknown item's
+            ``-1`` codes read as the digits nearest the centres).
         soft_sid: soft-indexed SID vectors of item ids (MMQ stage 2).
         history_timestamp_feature, timestamp_feature: the history events' and the request's times (both or
             neither); they give :attr:`ItemVectors.history_ages`.
@@ -108,7 +122,8 @@ class ItemArch(nn.Module):
         embedding_dim: int,
         *,
         embedding_collection: EmbeddingCollection | None = None,
-        transform: SidFeatureTransform | None = None,
+        transform: SidFeatureTransform | SidCodeTransform | None = None,
+        code_features: tuple[Sequence[str], Sequence[str]] | None = None,
         side: SIDEmbedding | None = None,
         side_packed_ids: Tensor | None = None,
         soft_sid: SoftSidEmbedding | None = None,
@@ -142,10 +157,8 @@ class ItemArch(nn.Module):
             raise ValueError(f"ItemArch: trained_items must be [I] bool, got shape {tuple(trained_items.shape)}")
         self.register_buffer("id_known", None if trained_items is None else trained_items.bool().clone())
         self.id_dropout = id_dropout
-        if (side is None) != (side_packed_ids is None):
-            raise ValueError("ItemArch: side and side_packed_ids go together (SIDE embeds the items' packed SIDs)")
-        if side is not None and side.output_dim != embedding_dim:
-            raise ValueError(f"ItemArch: side.output_dim is {side.output_dim}, embedding_dim {embedding_dim}")
+        self.code_features = self._code_features(code_features)
+        self._check_side(side, side_packed_ids, code_features, embedding_dim)
         self.side = side
         self.register_buffer("side_packed_ids", None if side_packed_ids is None else side_packed_ids.long().clone())
         if soft_sid is not None and soft_sid.tables.shape[-1] != embedding_dim:
@@ -153,8 +166,34 @@ class ItemArch(nn.Module):
                              f"{embedding_dim}")
         self.soft_sid = soft_sid
 
+    @staticmethod
+    def _code_features(code_features: tuple[Sequence[str], Sequence[str]] | None,
+                       ) -> tuple[list[str], list[str]] | None:
+        if code_features is None:
+            return None
+        if len(code_features[0]) != len(code_features[1]) or not code_features[0]:
+            raise ValueError(f"ItemArch: code_features must name as many (>= 1) candidate as history code features, "
+                             f"got {[list(c) for c in code_features]}")
+        return list(code_features[0]), list(code_features[1])
+
+    @staticmethod
+    def _check_side(side: SIDEmbedding | None, side_packed_ids: Tensor | None,
+                    code_features: tuple[Sequence[str], Sequence[str]] | None, embedding_dim: int) -> None:
+        if side is None:
+            if side_packed_ids is not None:
+                raise ValueError("ItemArch: side_packed_ids is given without side")
+            return
+        if side_packed_ids is None and code_features is None:
+            raise ValueError("ItemArch: side needs side_packed_ids or code_features (SIDE embeds the items' packed "
+                             "SIDs)")
+        if code_features is not None and side.num_levels > len(code_features[0]):
+            raise ValueError(f"ItemArch: side reads {side.num_levels} levels, code_features carry "
+                             f"{len(code_features[0])}")
+        if side.output_dim != embedding_dim:
+            raise ValueError(f"ItemArch: side.output_dim is {side.output_dim}, embedding_dim {embedding_dim}")
+
     def _table_features(self, collection: EmbeddingCollection | None,
-                        transform: SidFeatureTransform | None) -> tuple[list[str], list[str]]:
+                        transform: SidFeatureTransform | SidCodeTransform | None) -> tuple[list[str], list[str]]:
         """The collection's candidate and history features (each an item feature or a token derived from one)."""
         item, history = self.item_feature, self.history_feature
         if transform is not None:
@@ -192,6 +231,10 @@ class ItemArch(nn.Module):
         its keys; other keys are ignored. Returns :class:`ItemVectors`."""
         history_jt = features[self.history_feature]
         candidate_ids = features[self.item_feature].values()
+        candidate_codes, history_codes = None, None
+        if self.code_features is not None:  # read before the transform, which drops the code features
+            candidate_codes = torch.stack([features[name].values() for name in self.code_features[0]], 1)
+            history_codes = torch.stack([features[name].values() for name in self.code_features[1]], 1)
         history_ids, lengths = history_jt.values(), history_jt.lengths()
         # new_zeros, not torch.zeros(ids.size(0), ...): fx traces it (TrainPipelineSparseDist traces the model)
         candidate = candidate_ids.new_zeros((candidate_ids.size(0), self.embedding_dim), dtype=torch.float32)
@@ -209,6 +252,9 @@ class ItemArch(nn.Module):
         if self.side is not None and self.side_packed_ids is not None:
             candidate = candidate + self.side(self.side_packed_ids[candidate_ids])
             history = history + self.side(self.side_packed_ids[history_ids])
+        elif self.side is not None and candidate_codes is not None and history_codes is not None:
+            candidate = candidate + self.side(self._side_packed(candidate_codes))
+            history = history + self.side(self._side_packed(history_codes))
         if self.soft_sid is not None:  # one call, so the tokenizer's regulariser enters the loss once
             both = self.soft_sid(torch.cat([candidate_ids, history_ids]))
             candidate = candidate + both[: candidate_ids.size(0)]
@@ -218,7 +264,24 @@ class ItemArch(nn.Module):
             history_times, request_times = self.timestamp_features
             request = torch.repeat_interleave(features[request_times].values(), lengths)
             ages = (features[history_times].values() - request).float()
-        return ItemVectors(candidate, history, candidate_ids, history_ids, lengths, ages)
+        return ItemVectors(candidate, history, candidate_ids, history_ids, lengths, ages, candidate_codes,
+                           history_codes)
+
+    def _side_packed(self, codes: Tensor) -> Tensor:
+        """Codes ``[n, levels]`` -> SIDE's packed SIDs ``[n]`` over its levels; ``-1`` (unknown) digits read as the
+        digit nearest the level's centre."""
+        assert self.side is not None
+        digits = codes[:, :self.side.num_levels]
+        digits = torch.where(digits < 0, self.side.centres.round().long(), digits)
+        return (digits * self.side.radix_weights).sum(-1)
+
+    def per_item_bytes(self) -> dict[str, int]:
+        """Bytes per rank of this arch's per-item buffers (replicated on every rank, growing with the catalogue):
+        the SID lookup ``transform.item_tokens``, ``side_packed_ids``, ``id_known``. Empty on the SIDs-as-features
+        path without an id representation; the id table itself is sharded, see :func:`replicated_buffer_bytes`."""
+        buffers = {"side_packed_ids": self.side_packed_ids, "id_known": self.id_known,
+                   "transform.item_tokens": getattr(self.transform, "item_tokens", None)}
+        return {name: t.numel() * t.element_size() for name, t in buffers.items() if isinstance(t, Tensor)}
 
     def _id_rows(self, rows: Tensor, ids: Tensor) -> Tensor:
         """``rows`` with zeros for untrained ids and (in training) dropped ones."""
@@ -242,6 +305,8 @@ class HistoryArch(nn.Module):
         embedding_dim: d.
         max_history: L, the padded length.
         item_keys: ``[I]`` long search key of every item (e.g. its first SID level), for search-based blocks.
+        key_level: instead of ``item_keys``, the search key is the items' SID code at this level, read from
+            :attr:`ItemVectors.history_codes` / ``candidate_codes`` (the SIDs-as-features path: no per-item buffer).
 
     ``forward(items: ItemVectors) -> [B, d]``.
     """
@@ -249,8 +314,13 @@ class HistoryArch(nn.Module):
     item_keys: Tensor | None
 
     def __init__(self, block: HistoryBlock, embedding_dim: int, max_history: int,
-                 item_keys: Tensor | None = None) -> None:
+                 item_keys: Tensor | None = None, key_level: int | None = None) -> None:
         super().__init__()
+        if item_keys is not None and key_level is not None:
+            raise ValueError("HistoryArch: give item_keys or key_level, not both")
+        if key_level is not None and key_level < 0:
+            raise ValueError(f"HistoryArch: key_level must be >= 0, got {key_level}")
+        self.key_level = key_level
         if max_history < 1:
             raise ValueError(f"HistoryArch: max_history must be >= 1, got {max_history}")
         if item_keys is not None and item_keys.ndim != 1:
@@ -271,6 +341,12 @@ class HistoryArch(nn.Module):
             padded, _ = jagged_to_padded(JaggedTensor(values=self.item_keys[items.history_ids].float(),
                                                       lengths=lengths), self.max_history)
             keys, candidate_key = padded.long(), self.item_keys[items.candidate_ids]
+        elif self.key_level is not None:
+            if items.history_codes is None or items.candidate_codes is None:
+                raise ValueError("HistoryArch: key_level needs the items' SID codes (ItemArch code_features)")
+            padded, _ = jagged_to_padded(JaggedTensor(values=items.history_codes[:, self.key_level].float(),
+                                                      lengths=lengths), self.max_history)
+            keys, candidate_key = padded.long(), items.candidate_codes[:, self.key_level]
         out = self.block(history, mask, items.candidate, history_timestamps=ages, history_keys=keys,
                          candidate_key=candidate_key)
         return out if self.projection is None else self.projection(out)
@@ -394,7 +470,9 @@ class SidDLRM(nn.Module):
             config: the model config (representations, history block, sizes).
             schema: the KJT's feature names and sizes (for the demo data:
                 :func:`torchrec_sid.models.factory.catalog_schema`).
-            semantic_ids: SIDs of the items, row i = item i (needed by ``sid``, ``side`` and SIM's search keys).
+            semantic_ids: SIDs of the items, row i = item i (needed by ``sid``, ``side`` and SIM's search keys). With
+                ``config.sid_features`` only its cardinalities, centres and suffix level are read: the batch carries
+                the codes (``CtrBatches(..., sid_codes=...)``), and the table may hold more or fewer items.
             signals: the items' content ``{m: [I, D_m]}``: ``text`` for ``config.content``, the tokenizer's
                 modalities for ``soft_sid``.
             tokenizer: the stage-1 MMQ tokenizer (needed by ``soft_sid``; trained in place).
@@ -411,8 +489,10 @@ class SidDLRM(nn.Module):
         block = build_history_block(config.history_block, d, dict(config.history_options))
         history_arch = None
         if block is not None:  # SIM searches the history for the candidate's first SID level
-            keys = semantic_ids.codes[:, 0] if isinstance(block, SIM) and semantic_ids is not None else None
-            history_arch = HistoryArch(block, d, config.max_history, keys)
+            sim = isinstance(block, SIM) and semantic_ids is not None
+            keys = semantic_ids.codes[:, 0] if sim and not config.sid_features and semantic_ids is not None else None
+            history_arch = HistoryArch(block, d, config.max_history, keys,
+                                       key_level=0 if sim and config.sid_features else None)
         return cls(ebc, item_arch, schema.dense_in_features, [*config.dense_layers, d], [*config.over_layers, 1],
                    history_arch, content_arch)
 
@@ -425,34 +505,74 @@ def _item_arch(config: ModelConfig, schema: FeatureSchema, semantic_ids: Semanti
     if trained_items is not None and trained_items.shape != (schema.num_items,):
         raise ValueError(f"trained_items must be [{schema.num_items}], got {tuple(trained_items.shape)}")
     tables: list[EmbeddingConfig] = []
-    if "id" in reps:
+    if "id" in reps and config.id_buckets is None:
         tables.append(EmbeddingConfig(name="item_id", embedding_dim=d, num_embeddings=schema.num_items,
                                       feature_names=list(item_features)))
-    transform = None
+    transform: SidFeatureTransform | SidCodeTransform | None = None
+    codes = None
+    if config.sid_features and semantic_ids is not None:  # the batch carries every level's codes
+        codes = (code_feature_names(item_features[0], semantic_ids.num_levels),
+                 code_feature_names(item_features[1], semantic_ids.num_levels))
     if "sid" in reps and semantic_ids is not None:
         tokens = config.sid_tokens
-        transform = SidFeatureTransform(semantic_ids, item_features, ngram_orders=tokens.ngram_orders,
-                                        prefix_lengths=tokens.prefix_lengths, num_levels=tokens.num_levels,
-                                        max_table_size=tokens.max_table_size)
+        settings: dict[str, Any] = {"ngram_orders": tokens.ngram_orders, "prefix_lengths": tokens.prefix_lengths,
+                    "num_levels": tokens.num_levels, "max_table_size": tokens.max_table_size,
+                    "unknown_ids": tokens.unknown_ids}
+        if tokens.row_budget is not None:
+            settings["max_table_size"] = budget_table_size(semantic_ids.cardinalities, tokens)
+        transform = (SidCodeTransform(semantic_ids.cardinalities, item_features, **settings)
+                     if config.sid_features else SidFeatureTransform(semantic_ids, item_features, **settings))
+        tables += transform.embedding_configs(d)
+    if config.id_buckets is not None:  # the id table, hashed: a one-level "SID" of hash buckets
+        transform = hashed_id_transform(schema.num_items, config.id_buckets, item_features)
         tables += transform.embedding_configs(d)
     side, packed = None, None
     if "side" in reps and semantic_ids is not None:
         # the quantizer's own levels: a collision-suffix level only numbers duplicates, it has no order
         levels = semantic_ids.num_levels - int(bool(semantic_ids.config.get("collision_suffix")))
         side = SIDEmbedding.from_semantic_ids(semantic_ids, d, num_levels=levels)
-        packed = pack_codes(semantic_ids.codes[:, :levels], semantic_ids.cardinalities[:levels])
+        if not config.sid_features:
+            packed = pack_codes(semantic_ids.codes[:, :levels], semantic_ids.cardinalities[:levels])
     soft_sid = None
     if "soft_sid" in reps and tokenizer is not None:
         soft = config.soft_sid
         soft_sid = SoftSidEmbedding(tokenizer, {m: signals[m] for m in tokenizer.dims}, d, soft.tau,
-                                    soft.recon_weight, soft.aux_weight)
+                                    soft.recon_weight, soft.aux_weight, soft.vq_weight)
     with_history = config.history_block != "none"
     return ItemArch(schema.item_feature, schema.history_feature, d,
                     embedding_collection=EmbeddingCollection(tables=tables) if tables else None,
-                    transform=transform, side=side, side_packed_ids=packed, soft_sid=soft_sid,
+                    transform=transform, code_features=codes, side=side, side_packed_ids=packed, soft_sid=soft_sid,
                     history_timestamp_feature=schema.history_timestamp_feature if with_history else None,
                     timestamp_feature=schema.timestamp_feature if with_history else None,
-                    trained_items=trained_items if "id" in reps else None, id_dropout=config.id_dropout)
+                    trained_items=trained_items if "id" in reps and config.id_buckets is None else None,
+                    id_dropout=config.id_dropout)
+
+
+def hashed_id_transform(num_items: int, buckets: int, item_features: list[str]) -> SidFeatureTransform:
+    """Item ids ``[0, num_items)`` hashed into ``buckets`` rows of one table ``item_hash_l0`` (a fixed hash,
+    :func:`~torchrec_sid.modules.sid_transform.hash_packed_ids`), as a token transform of ``item_features``."""
+    codes = hash_packed_ids(torch.arange(num_items, dtype=torch.long), buckets).unsqueeze(1)
+    hashed = SemanticIds(codes, [buckets], "id_hash", {"buckets": buckets})
+    return SidFeatureTransform(hashed, item_features, max_table_size=buckets, name="item_hash")
+
+
+def budget_table_size(cardinalities: Sequence[int], tokens: SidTokenConfig) -> int:
+    """The largest table size with which the SID token tables of ``tokens`` hold ``tokens.row_budget`` rows in all
+    (OOV rows included): tables with a smaller vocabulary keep it, the others are hashed into this many rows."""
+    assert tokens.row_budget is not None
+    levels = len(cardinalities) if tokens.num_levels is None else tokens.num_levels
+    vocabularies = sorted(t.num_values for t in sid_tokens(list(cardinalities[:levels]), tokens.ngram_orders,
+                                                            tokens.prefix_lengths, MAX_TABLE_SIZE))
+    left = tokens.row_budget - len(vocabularies) * int(tokens.unknown_ids == "oov")
+    for i, rows in enumerate(vocabularies):  # ascending: table i and all larger ones get min(rows, left / rest)
+        share = left // (len(vocabularies) - i)
+        if rows > share:
+            if share < 1:
+                raise ValueError(f"model.sid_tokens.row_budget {tokens.row_budget} leaves no row for the "
+                                 f"{len(vocabularies) - i} largest SID token table(s)")
+            return share
+        left -= rows
+    return vocabularies[-1] if vocabularies else 1
 
 
 def build_history_block(name: str, embedding_dim: int, options: dict[str, Any]) -> HistoryBlock | None:
@@ -472,7 +592,7 @@ def check_model_inputs(config: ModelConfig, num_items: int, semantic_ids: Semant
     if config.needs_semantic_ids and semantic_ids is None:
         raise ValueError(f"model.item_representation {list(config.item_representation)} / history_block "
                          f"{config.history_block!r} needs semantic IDs (train.semantic_ids)")
-    if semantic_ids is not None and semantic_ids.num_items != num_items:
+    if semantic_ids is not None and semantic_ids.num_items != num_items and not config.sid_features:
         raise ValueError(f"train.semantic_ids has {semantic_ids.num_items} items, the data has {num_items}")
     needed = {"text"} if config.content else set()
     if "soft_sid" in config.item_representation:
@@ -487,6 +607,14 @@ def check_model_inputs(config: ModelConfig, num_items: int, semantic_ids: Semant
         x = given[m]
         if x.ndim != 2 or x.shape[0] != num_items:
             raise ValueError(f"content signal {m!r} must be [{num_items}, D], got {tuple(x.shape)}")
+
+
+def replicated_buffer_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of every buffer of ``model`` by name: what each rank holds whole (DistributedModelParallel shards only
+    the embedding tables). On the id -> SID lookup path the per-item buffers (``item_arch.transform.item_tokens``,
+    ``item_arch.side_packed_ids``, ``history_arch.item_keys``) grow with the catalogue; on the SIDs-as-features path
+    (``ModelConfig.sid_features``) none does."""
+    return {name: t.numel() * t.element_size() for name, t in model.named_buffers()}
 
 
 def embedding_collections(model: nn.Module) -> list[EmbeddingCollection | EmbeddingBagCollection]:

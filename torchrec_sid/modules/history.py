@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
@@ -50,13 +49,16 @@ def jagged_to_padded(jt: JaggedTensor, max_len: int, padding_value: float = 0.0)
         raise ValueError(f"max_len must be positive, got {max_len}")
     values, lengths = jt.values(), jt.lengths().long()
     kept = lengths.clamp(max=max_len)
-    rows, _ = torch.ops.fbgemm.jagged_slice(
-        torch.arange(values.size(0), device=values.device), lengths, lengths - kept, max_len
-    )
-    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(kept)
-    padded = torch.ops.fbgemm.jagged_to_padded_dense(values.index_select(0, rows), [offsets], [max_len],
-                                                      padding_value)
-    return padded, padding_mask(kept, max_len)
+    # dense indexing (no fbgemm jagged op, so torch.export and fx trace it): row b reads its most recent kept_b
+    # events, values[start_b + j] for j < kept_b with start_b = offsets_b + lengths_b - kept_b, and a padding row
+    # appended after the values everywhere else; no branch on a size, so an empty batch needs no special case
+    start = torch.cumsum(lengths, dim=0) - kept  # [B]
+    positions = torch.arange(max_len, device=lengths.device)
+    mask = positions[None, :] < kept[:, None]  # [B, Lmax]
+    index = torch.where(mask, start[:, None] + positions[None, :], values.size(0))
+    rows = torch.nn.functional.pad(values.unsqueeze(-1).flatten(1), (0, 0, 0, 1), value=padding_value)  # [N+1, *]
+    padded = rows[index].reshape(index.shape + values.shape[1:])  # [B, Lmax, ...]
+    return padded, mask
 
 
 def masked_softmax(logits: Tensor, valid: Tensor) -> Tensor:

@@ -1,15 +1,26 @@
 """SID feature transform: item-id features of a KeyedJaggedTensor → semantic-ID token features for EBC / EC tables.
 
-Token types (Singh et al., ``papers/sid_ngrams.md``), for an item whose SID is ``(c_0, ..., c_{n-1})``, ``c_l`` in
-``[0, K_l)``:
+Token types (``papers/sid_ngrams.md``), for an item whose SID is ``(c_0, ..., c_{n-1})``, ``c_l`` in ``[0, K_l)``:
 
-================================== ======================= ===========================
-output feature                     levels combined         exact vocabulary
-================================== ======================= ===========================
-``<feature>__sid_l{l}``            ``c_l``                 ``K_l``
-``<feature>__sid_ngram{m}_l{l}``   ``c_l ... c_{l+m-1}``   ``K_l * ... * K_{l+m-1}``
-``<feature>__sid_prefix{p}``       ``c_0 ... c_{p-1}``     ``K_0 * ... * K_{p-1}``
-================================== ======================= ===========================
+================================== ========================== =========================== ==========================
+output feature                     levels combined            exact vocabulary            setting (source)
+================================== ========================== =========================== ==========================
+``<feature>__sid_l{l}``            ``c_l``                    ``K_l``                     ``ngram_orders`` 1 (Singh)
+``<feature>__sid_group{m}_l{l}``   ``c_l ... c_{l+m-1}``,     ``K_l * ... * K_{l+m-1}``   ``ngram_groups`` (Singh's
+                                   ``l = 0, m, 2m, ...``                                  non-overlapping n-grams)
+``<feature>__sid_ngram{m}_l{l}``   ``c_l ... c_{l+m-1}``,     ``K_l * ... * K_{l+m-1}``   ``ngram_orders`` (Zheng's
+                                   every ``l``                                            sliding "all n-grams")
+``<feature>__sid_prefix{p}``       ``c_0 ... c_{p-1}``        ``K_0 * ... * K_{p-1}``     ``prefix_lengths`` (Zheng)
+================================== ========================== =========================== ==========================
+
+``<feature>__sid_spm`` (``spm``: Singh et al.'s SPM-SID) holds an item's SentencePiece pieces
+(:func:`~torchrec_sid.sid.pieces.fit_sid_sentencepiece`), a variable number per item: its lengths are the number of
+pieces of the example's items (for a history, summed over the events), so it feeds a pooled (bag) table; its
+vocabulary is the piece table's, fixed when the transform is built.
+
+Singh et al.'s Bigram-SID is ``ngram_groups=[2]``: 8 levels give 4 tables ``(c_0 c_1), (c_2 c_3), ...``; sliding
+windows (``ngram_orders=[2]``) give 7. With ``n`` not a multiple of ``m`` the last group holds the ``n mod m``
+remaining levels (the notes' "c_1c_2 + c_3" for 3 levels).
 
 (``sid`` is the transform's ``name``.) A token's exact id packs its digits in mixed radix (first level least
 significant, as :func:`~torchrec_sid.sid.packing.pack_codes`). When the exact vocabulary exceeds
@@ -35,6 +46,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.packing import MAX_PACKED, pack_codes
+from torchrec_sid.sid.pieces import SidPieces
 
 UnknownIdPolicy = Literal["raise", "oov"]
 HASH_PRIME = 2**31 - 1  # Mersenne prime; hashed ids live in [0, HASH_PRIME)
@@ -83,7 +95,7 @@ class SidToken:
 
 def _check_settings(semantic_ids: SemanticIds, feature_names: Sequence[str], num_levels: int,
                     ngram_orders: Sequence[int], prefix_lengths: Sequence[int], max_table_size: int,
-                    unknown_ids: str) -> None:
+                    unknown_ids: str, ngram_groups: Sequence[int] = ()) -> None:
     """Raises ValueError, naming the setting and the limit, on a configuration the artifact cannot serve."""
     if not feature_names or len(set(feature_names)) != len(feature_names):
         raise ValueError(f"SidFeatureTransform: feature_names must be non-empty and distinct, "
@@ -91,12 +103,14 @@ def _check_settings(semantic_ids: SemanticIds, feature_names: Sequence[str], num
     if not 1 <= num_levels <= semantic_ids.num_levels:
         raise ValueError(f"SidFeatureTransform: num_levels={num_levels} requested, the SemanticIds artifact has "
                          f"{semantic_ids.num_levels} levels")
-    for setting, values in (("ngram_orders", ngram_orders), ("prefix_lengths", prefix_lengths)):
+    for setting, values in (("ngram_orders", ngram_orders), ("prefix_lengths", prefix_lengths),
+                            ("ngram_groups", ngram_groups)):
         if len(set(values)) != len(values) or any(not 1 <= v <= num_levels for v in values):
             raise ValueError(f"SidFeatureTransform: {setting} must be distinct and in [1, num_levels={num_levels}], "
                              f"got {list(values)}")
-    if not ngram_orders and not prefix_lengths:
-        raise ValueError("SidFeatureTransform: no tokens requested: ngram_orders and prefix_lengths are both empty")
+    if not ngram_orders and not prefix_lengths and not ngram_groups:
+        raise ValueError("SidFeatureTransform: no tokens requested: ngram_orders, ngram_groups and prefix_lengths "
+                         "are all empty")
     if not 1 <= max_table_size <= MAX_TABLE_SIZE:
         raise ValueError(f"SidFeatureTransform: max_table_size must be in [1, {MAX_TABLE_SIZE}], got {max_table_size}")
     if unknown_ids not in ("raise", "oov"):
@@ -104,10 +118,14 @@ def _check_settings(semantic_ids: SemanticIds, feature_names: Sequence[str], num
 
 
 def sid_tokens(cardinalities: Sequence[int], ngram_orders: Sequence[int], prefix_lengths: Sequence[int],
-               max_table_size: int) -> list[SidToken]:
-    """The token types: every window of each n-gram order (order 1: per-level tokens), then each prefix."""
+               max_table_size: int, ngram_groups: Sequence[int] = ()) -> list[SidToken]:
+    """The token types: every window of each n-gram order (order 1: per-level tokens), then the non-overlapping
+    groups of each ``ngram_groups`` order, then each prefix."""
+    n = len(cardinalities)
     spans = [(f"l{first}" if order == 1 else f"ngram{order}_l{first}", first, first + order)
-             for order in ngram_orders for first in range(len(cardinalities) - order + 1)]
+             for order in ngram_orders for first in range(n - order + 1)]
+    spans += [(f"group{order}_l{first}", first, min(first + order, n))
+              for order in ngram_groups for first in range(0, n, order)]
     spans += [(f"prefix{length}", 0, length) for length in prefix_lengths]
     tokens = []
     for suffix, first, last in spans:
@@ -134,6 +152,9 @@ def item_token_table(codes: Tensor, cardinalities: Sequence[int], tokens: Sequen
 
 def _item_ids(ids: Tensor, feature: str, num_items: int, oov: bool) -> Tensor:
     """``ids: [n]`` with unknown ids (negative or ``>= num_items``) mapped to the OOV column, or a ValueError."""
+    if ids.dtype != torch.int64 and ids.dtype != torch.int32:
+        raise ValueError(f"SidFeatureTransform: feature '{feature}' has {ids.dtype} ids; item ids must be int64 or "
+                         f"int32 (KeyedJaggedTensor values)")
     if oov:
         return ids.masked_fill((ids < 0) | (ids >= num_items), num_items)
     if (not torch.jit.is_scripting() and is_pt2_compiling()) or ids.numel() == 0:  # no data-dependent checks
@@ -147,9 +168,24 @@ def _item_ids(ids: Tensor, feature: str, num_items: int, oov: bool) -> Tensor:
     return ids
 
 
+def gather_pieces(ids: Tensor, lengths: Tensor, piece_offsets: Tensor, piece_values: Tensor) -> tuple[Tensor, Tensor]:
+    """The pieces of items ``ids: [n]`` (rows, OOV included) concatenated, and per example (``lengths: [B]`` items
+    each) the number of pieces: ``(values [sum pieces], lengths [B])``."""
+    starts = piece_offsets.index_select(0, ids)
+    counts = piece_offsets.index_select(0, ids + 1) - starts
+    ends = counts.cumsum(0)
+    owner = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts)  # [sum pieces]
+    within = torch.arange(owner.numel(), device=ids.device) - (ends - counts).index_select(0, owner)
+    values = piece_values.index_select(0, starts.index_select(0, owner) + within)
+    item_ends = torch.cat([ends.new_zeros(1), ends])
+    boundaries = lengths.cumsum(0)
+    return values, item_ends.index_select(0, boundaries) - item_ends.index_select(0, boundaries - lengths)
+
+
 @torch.fx.wrap
 def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_features: list[str],
-                      token_features: list[list[str]], oov: bool) -> KeyedJaggedTensor:
+                      token_features: list[list[str]], oov: bool, piece_offsets: Tensor | None = None,
+                      piece_values: Tensor | None = None) -> KeyedJaggedTensor:
     """``features`` plus, per item feature, one feature per token type (``item_tokens: [T, N (+1)]``).
 
     Input features keep their keys, order, values, lengths and weights; derived features follow, with their
@@ -176,21 +212,31 @@ def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_fea
     out_values[:values.numel()].copy_(values)
     offset = values.numel()
     per_key_values = values.split(length_per_key)
+    per_key_lengths = lengths.view(len(keys), stride)
+    pieces: list[tuple[Tensor, Tensor]] = []
     for feature, k in zip(item_features, sources):
         ids = _item_ids(per_key_values[k], feature, num_items, oov)
         for row in token_rows:
             out_values[offset:offset + length_per_key[k]].copy_(row.index_select(0, ids))
             offset += length_per_key[k]
-    per_key_lengths = lengths.view(len(keys), stride)
+        if piece_offsets is not None and piece_values is not None:
+            pieces.append(gather_pieces(ids, per_key_lengths[k], piece_offsets, piece_values))
     out_lengths = [lengths] + [per_key_lengths[k].repeat(num_tokens) for k in sources]
     out_weights: Tensor | None = None
     if weights is not None:
+        if pieces:
+            raise ValueError("SidFeatureTransform: weighted item features cannot carry weights to SPM pieces")
         per_key_weights = weights.split(length_per_key)
         out_weights = torch.cat([weights] + [per_key_weights[k].repeat(num_tokens) for k in sources])
     out_keys, out_length_per_key = list(keys), list(length_per_key)
     for derived, k in zip(token_features, sources):
-        out_keys.extend(derived)
+        out_keys.extend(derived[:num_tokens])
         out_length_per_key.extend([length_per_key[k]] * num_tokens)
+    if pieces:
+        out_values = torch.cat([out_values] + [values_ for values_, _ in pieces])
+        out_lengths += [piece_lengths for _, piece_lengths in pieces]
+        out_keys += [derived[num_tokens] for derived in token_features]
+        out_length_per_key += [values_.numel() for values_, _ in pieces]
     return KeyedJaggedTensor(keys=out_keys, values=out_values, weights=out_weights, lengths=torch.cat(out_lengths),
                              stride=stride, length_per_key=out_length_per_key)
 
@@ -210,13 +256,17 @@ class SidFeatureTransform(nn.Module):
     Args:
         semantic_ids: the artifact; ``codes: [N, levels]``, row i = item i.
         feature_names: item-id features to derive tokens from; their values are item ids in ``[0, N)``.
-        ngram_orders: n-grams of each order over consecutive levels; order 1 gives one token per level.
+        ngram_orders: sliding n-grams of each order over consecutive levels; order 1 gives one token per level.
+        ngram_groups: non-overlapping n-grams of each order (Singh et al.'s N-gram-SID): levels
+            ``[0, m), [m, 2m), ...``, the last group shorter when ``m`` does not divide the levels.
         prefix_lengths: prefix n-grams ``(c_0, ..., c_{p-1})``, one per length p.
         num_levels: use the first ``num_levels`` levels of the artifact (None: all).
         max_table_size: largest table; a token whose exact vocabulary is larger is hashed into this many rows.
         unknown_ids: ``"raise"``: a ValueError names the feature, the id and the limit; ``"oov"``: unknown ids
             (negative, or ``>= N``) get a reserved row, the last of every table.
         name: token name prefix, so two transforms (two artifacts) give distinct feature and table names.
+        spm: SentencePiece pieces of every item (:func:`~torchrec_sid.sid.pieces.fit_sid_sentencepiece`), for one
+            more token type, ``<feature>__<name>_spm``, after the others (its vocabulary: ``spm.vocab_size`` rows).
 
     Example::
 
@@ -240,6 +290,8 @@ class SidFeatureTransform(nn.Module):
 
     if TYPE_CHECKING:  # buffer types for mypy; TorchScript cannot read class-level annotations here
         item_tokens: Tensor
+        piece_offsets: Tensor
+        piece_values: Tensor
 
     def __init__(
         self,
@@ -251,32 +303,54 @@ class SidFeatureTransform(nn.Module):
         max_table_size: int = 2**20,
         unknown_ids: UnknownIdPolicy = "raise",
         name: str = "sid",
+        ngram_groups: Sequence[int] = (),
+        spm: SidPieces | None = None,
     ) -> None:
         super().__init__()
         num_levels = semantic_ids.num_levels if num_levels is None else num_levels
         _check_settings(semantic_ids, feature_names, num_levels, ngram_orders, prefix_lengths, max_table_size,
-                        unknown_ids)
+                        unknown_ids, ngram_groups)
         cardinalities = semantic_ids.cardinalities[:num_levels]
         self.feature_names: list[str] = list(feature_names)
         self.name = name
         self.oov = unknown_ids == "oov"
-        self.tokens = sid_tokens(cardinalities, ngram_orders, prefix_lengths, max_table_size)
+        self.tokens = sid_tokens(cardinalities, ngram_orders, prefix_lengths, max_table_size, ngram_groups)
+        self.spm_vocab_size = None if spm is None else spm.vocab_size
+        if spm is not None:
+            self._register_pieces(spm, semantic_ids.num_items)
         self.token_features: list[list[str]] = [self.derived_feature_names(f) for f in self.feature_names]
         self.register_buffer(
             "item_tokens", item_token_table(semantic_ids.codes[:, :num_levels], cardinalities, self.tokens, self.oov)
         )
 
+    def _register_pieces(self, spm: SidPieces, num_items: int) -> None:
+        """Buffers ``piece_offsets: [N + 2]`` and ``piece_values: [P + 1]``: the pieces of every item, then of the
+        OOV item (one piece, row ``spm.vocab_size``, used under ``"oov"`` only)."""
+        if spm.num_items != num_items:
+            raise ValueError(f"SidFeatureTransform: spm has pieces for {spm.num_items} items, the SemanticIds "
+                             f"artifact has {num_items}")
+        if len(spm.pieces) and (int(spm.pieces.min()) < 0 or int(spm.pieces.max()) >= spm.vocab_size):
+            raise ValueError(f"SidFeatureTransform: spm piece ids must be in [0, {spm.vocab_size})")
+        total = int(spm.offsets[-1])
+        self.register_buffer("piece_offsets", torch.cat([spm.offsets.long(), torch.tensor([total + 1])]))
+        self.register_buffer("piece_values", torch.cat([spm.pieces.long(), torch.tensor([spm.vocab_size])]))
+
+    def _suffixes(self) -> list[str]:
+        return [token.suffix for token in self.tokens] + ([] if self.spm_vocab_size is None else ["spm"])
+
     def derived_feature_names(self, feature: str) -> list[str]:
         """Names of the features derived from item feature ``feature``, in output order."""
-        return [f"{feature}__{self.name}_{token.suffix}" for token in self.tokens]
+        return [f"{feature}__{self.name}_{suffix}" for suffix in self._suffixes()]
 
     def table_names(self) -> list[str]:
-        """One table per token type: ``<name>_<suffix>``, e.g. ``sid_l0``, ``sid_prefix2``."""
-        return [f"{self.name}_{token.suffix}" for token in self.tokens]
+        """One table per token type: ``<name>_<suffix>``, e.g. ``sid_l0``, ``sid_prefix2``, ``sid_spm``."""
+        return [f"{self.name}_{suffix}" for suffix in self._suffixes()]
 
     def num_embeddings(self) -> list[int]:
-        """Rows per token table: the exact vocabulary or the hash size, plus the OOV row under ``"oov"``."""
-        return [token.num_buckets + int(self.oov) for token in self.tokens]
+        """Rows per token table: the exact vocabulary or the hash size (the piece vocabulary for ``spm``), plus the
+        OOV row under ``"oov"``."""
+        spm = [] if self.spm_vocab_size is None else [self.spm_vocab_size + int(self.oov)]
+        return [token.num_buckets + int(self.oov) for token in self.tokens] + spm
 
     def _tables(self, feature_names: Sequence[str] | None) -> list[tuple[str, int, list[str]]]:
         selected = self.feature_names if feature_names is None else list(feature_names)
@@ -306,4 +380,7 @@ class SidFeatureTransform(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``features`` (B examples) → the same features plus ``len(feature_names) * T`` token features."""
-        return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov)
+        if self.spm_vocab_size is None:
+            return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov)
+        return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov,
+                                 self.piece_offsets, self.piece_values)

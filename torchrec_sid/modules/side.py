@@ -120,14 +120,23 @@ class SIDEmbedding(nn.Module):
         per_level_projections: bool = False,
         bias: bool = False,
     ) -> SIDEmbedding:
-        """A SIDEmbedding for the first ``num_levels`` (None: all) levels of an artifact with ordinal digits.
+        """A SIDEmbedding for the first ``num_levels`` levels of an artifact with ordinal digits (None: every level
+        before the collision suffix, :attr:`~torchrec_sid.sid.SemanticIds.code_levels`).
 
-        Radices are the artifact's cardinalities, centres its ``digit_centres`` (DPCA, FSQ). An artifact with
-        categorical codes (``digit_centres`` None: RQ-KMeans, RQ-GMM, ...) raises ValueError: its codes are indices,
-        not values, so only a table embeds them (:class:`SidFeatureTransform`), unless the constructor is given
-        radices and centres explicitly.
+        Radices are the artifact's cardinalities, centres its ``digit_centres`` (DPCA, FSQ). Raises ValueError for
+        an artifact with categorical codes (``digit_centres`` None: RQ-KMeans, RQ-GMM, ...; its codes are indices,
+        not values, so only a table embeds them, :class:`SidFeatureTransform`, unless the constructor is given
+        radices and centres explicitly) and for ``num_levels`` that reaches the collision-suffix level (an item's
+        rank among the items sharing its code, not a digit). Pack the same levels for :meth:`forward`:
+        ``pack_codes(codes[:, :side.num_levels], side.radices)``.
         """
-        num_levels = semantic_ids.num_levels if num_levels is None else num_levels
+        suffix = semantic_ids.suffix_level
+        num_levels = semantic_ids.code_levels if num_levels is None else num_levels
+        if suffix is not None and num_levels > suffix:
+            raise ValueError(f"SIDEmbedding: num_levels={num_levels} would read level {suffix}, the collision "
+                             f"suffix of the SemanticIds artifact (cardinality {semantic_ids.cardinalities[suffix]}): "
+                             f"it numbers the items that share a code and is no ordinal digit; use "
+                             f"num_levels <= {suffix} (the default)")
         if not 1 <= num_levels <= semantic_ids.num_levels:
             raise ValueError(f"SIDEmbedding: num_levels={num_levels} requested, the SemanticIds artifact has "
                              f"{semantic_ids.num_levels} levels")

@@ -13,9 +13,11 @@
   stopping when its reconstruction loss has not improved by a relative ``tol`` for ``patience`` epochs, then the
   best epoch's weights are restored; codebooks are initialised by k-means on encoder outputs of up to
   ``init_rows`` training rows before the first step, and codes unused in an epoch are re-seeded from the
-  epoch's last batch. One ``history_`` entry per epoch (losses, utilisation, re-seeded codes), also sent to a
-  TensorBoard writer and the progress bar. Everything random is drawn from generators seeded by ``seed``, and
-  parameters are initialised under a forked, seeded global RNG: two fits with one seed give equal weights on CPU.
+  epoch's last batch (``reseed_dead_codes``; off, utilisation shows what the method does on its own, as in the
+  papers' utilisation comparisons). One ``history_`` entry per epoch (losses, utilisation before and after
+  re-seeding, re-seeded codes), also sent to a TensorBoard writer and the progress bar. Everything random is drawn
+  from generators seeded by ``seed``, and parameters are initialised under a forked, seeded global RNG: two fits
+  with one seed give equal weights on CPU.
 
 Neural quantizers fit on one process: under ``torch.distributed`` with ``world_size > 1``, ``fit`` raises
 (fit on one rank and share the saved artifact; the item catalogues these tokenizers train on fit one machine).
@@ -45,6 +47,7 @@ from torchrec_sid.quantizers.base import (
     check_codes,
     check_embeddings,
     integer,
+    one_of,
     real,
     row_chunks,
     setting,
@@ -345,12 +348,18 @@ class NeuralQuantizer(Quantizer):
         valid_frac: fraction of the items held out (seeded) for validation and early stopping, in (0, 1).
         init_rows: training rows of the codebooks' k-means initialisation, at most.
         chunk_size: rows per forward pass in ``encode`` / ``decode`` / validation.
+        reseed_dead_codes: move codes unused in an epoch onto random inputs of its last batch (default True); with
+            False the codebooks are never maintained and the utilisation is the method's own.
         seed: seed of the split, the shuffling, the initialisation and the parameters.
 
     Fitted state: ``model_`` (its state dict is what :meth:`save` writes, with the signal widths), ``signal_dims_``
     and ``history_``: one entry per epoch with ``epoch``, ``train_loss``, ``train_recon``, ``train_<part>``,
     ``valid_loss`` (reconstruction), ``best_valid_loss``, ``utilization`` (mean over levels of the fraction of
-    codes used in the epoch's training batches), ``utilization_per_level`` and ``reseeded`` (dead codes moved).
+    codes used in the epoch's training batches, measured before that epoch's re-seeding), ``utilization_per_level``,
+    ``reseeded`` (dead codes moved) and ``utilization_after_reseed`` (the fraction of codes used by the training
+    items once re-seeded, the model's state entering the next epoch; ``utilization`` repeated when nothing was
+    re-seeded). The last entry also holds ``fitted_utilization``: per level, the fraction of codes the training
+    items use with the restored best weights, what the codes of ``encode`` show.
     """
 
     _state_names: ClassVar[tuple[str, ...]] = ("model_",)
@@ -364,6 +373,7 @@ class NeuralQuantizer(Quantizer):
     valid_frac: float = setting(0.1, real(0.0, 1.0, open_low=True, open_high=True))
     init_rows: int = setting(4096, integer(1))
     chunk_size: int = setting(4096, integer(1))
+    reseed_dead_codes: bool = setting(True, one_of(True, False))
     seed: int = setting(0, integer())
     model_: QuantizedAutoencoder = field(init=False, repr=False)
     signal_dims_: dict[str, int] = field(init=False, repr=False)
@@ -409,7 +419,12 @@ class NeuralQuantizer(Quantizer):
         with tqdm(total=self.max_epochs, desc=self.name, disable=not progress) as bar:
             for epoch in range(self.max_epochs):
                 entry = {"epoch": epoch, **self._train_epoch(model, optimizer, signals, train, generator)}
-                entry["reseeded"] = model.reseed_dead(generator)
+                entry["reseeded"] = model.reseed_dead(generator) if self.reseed_dead_codes else 0
+                if entry["reseeded"]:
+                    after = self._utilization(model, take_rows(signals, train))
+                    entry["utilization_after_reseed"] = sum(after) / len(after)
+                else:
+                    entry["utilization_after_reseed"] = entry["utilization"]
                 entry["valid_loss"] = self._evaluate(model, take_rows(signals, valid))
                 if epoch == 0 or entry["valid_loss"] < best_loss - self.tol * abs(best_loss):
                     best_loss, best_state, waited = entry["valid_loss"], copy.deepcopy(model.state_dict()), 0
@@ -423,8 +438,18 @@ class NeuralQuantizer(Quantizer):
         model.eval()
         with torch.no_grad():
             model.calibrate(take_rows(signals, train))
+        self.history_[-1]["fitted_utilization"] = self._utilization(model, take_rows(signals, train))
         self.model_, self.signal_dims_ = model, dims
         return self
+
+    @torch.no_grad()
+    def _utilization(self, model: QuantizedAutoencoder, signals: Signals) -> list[float]:
+        """Per level, the fraction of codes that ``signals`` use under ``model`` in eval mode (training mode kept)."""
+        training = model.training
+        model.eval()
+        codes = self._in_chunks(model.encode, signals)
+        model.train(training)
+        return utilization(codes, self.cardinalities)
 
     def _train_epoch(self, model: QuantizedAutoencoder, optimizer: torch.optim.Optimizer, signals: Signals,
                      train: Tensor, generator: torch.Generator) -> dict[str, Any]:

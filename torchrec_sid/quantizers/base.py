@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from torchrec_sid._dist import ShardLayout, raise_on_any_rank, rank, shard_layout
+from torchrec_sid._dist import ShardLayout, all_reduce_sum_, raise_on_any_rank, rank, shard_layout
 from torchrec_sid.io import load_artifact, save_artifact
 from torchrec_sid.sid.codes import check_codes
 from torchrec_sid.sid.semantic_ids import SemanticIds
@@ -75,7 +75,8 @@ def check_embeddings(x: Tensor, *, dim: int | None = None, what: str = "x") -> T
         raise ValueError(f"{what} must be floating point, got {x.dtype}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{what} has D={x.shape[1]} columns, expected D={dim} (the dimension fitted on)")
-    bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten()
+    bad = torch.cat([(~torch.isfinite(x[rows]).all(dim=1)).nonzero().flatten() + rows.start
+                     for rows in row_chunks(len(x), 8192)])  # chunked: no [N, D] temporary
     if len(bad):
         raise ValueError(f"{what} has non-finite values (NaN or inf) in row {int(bad[0])} ({len(bad)} rows in all)")
     return x.float()
@@ -100,6 +101,65 @@ def row_chunks(num_rows: int, chunk_size: int) -> Iterator[slice]:
     """Consecutive row slices of at most ``chunk_size`` rows."""
     for start in range(0, num_rows, chunk_size):
         yield slice(start, min(start + chunk_size, num_rows))
+
+
+class Residuals:
+    """The residuals ``x - sum_{l < level} codebooks[l, codes[:, l]]`` of ``x: [n, D]``, formed when rows are read,
+    optionally projected on ``basis: [D, d]`` (progressive k-means clusters on leading principal directions).
+
+    A residual fit reads its level's rows chunk by chunk, so it never stores an ``[n, D]`` residual next to ``x``
+    (``x`` may be a read-only memory map).
+
+    Example::
+
+        r = Residuals(x, codebooks, codes, level=1)  # x minus each row's level-0 codeword
+        chunk = r[0:4096]  # [4096, D]
+    """
+
+    def __init__(self, x: Tensor, codebooks: Tensor | None = None, codes: Tensor | None = None, level: int = 0,
+                 basis: Tensor | None = None) -> None:
+        self.x, self.codebooks, self.codes, self.level, self.basis = x, codebooks, codes, level, basis
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.x), self.x.shape[1] if self.basis is None else self.basis.shape[1]))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, rows: slice | Tensor) -> Tensor:
+        """The residual rows ``rows`` (a slice or an index tensor) -> ``[m, d]`` float32 (at level 0 and without a
+        basis possibly a view of ``x``: read it, do not write to it)."""
+        out = self.x[rows].float()
+        if self.level:
+            assert self.codebooks is not None and self.codes is not None
+            codes = self.codes[rows]
+            for level in range(self.level):
+                out = out - self.codebooks[level, codes[:, level]]
+        return out if self.basis is None else out @ self.basis
+
+    def projected(self, basis: Tensor) -> Residuals:
+        """The same residuals projected on ``basis: [D, d]`` (``[n, d]``)."""
+        return Residuals(self.x, self.codebooks, self.codes, self.level, basis)
+
+
+Rows = Tensor | Residuals  # what a level is fitted on: [n, D] rows read by slices and index tensors
+
+
+def projected_rows(x: Rows, basis: Tensor) -> Residuals:
+    """``x: [n, D]`` projected on ``basis: [D, d]`` -> lazy ``[n, d]`` rows (nothing is stored)."""
+    return x.projected(basis) if isinstance(x, Residuals) else Residuals(x, basis=basis)
+
+
+def gather_global_rows(x: Rows, index: Tensor, layout: ShardLayout) -> Tensor:
+    """Rows of the global catalogue by global index, on every rank (as :func:`torchrec_sid._dist.gather_rows`, for
+    :class:`Residuals` too). ``x: [n, D]``, ``index: [m]`` -> ``[m, D]``."""
+    local = index - layout.offset
+    mine = (local >= 0) & (local < layout.num_rows)
+    rows = torch.zeros(len(index), x.shape[1])
+    if mine.any():
+        rows[mine] = x[local[mine]]
+    return all_reduce_sum_(rows)  # every row is non-zero on exactly one rank, so the sum is exact
 
 
 # -------------------------------------------------------------------------------------------------- settings
@@ -355,7 +415,7 @@ class ResidualQuantizer(Quantizer):
         self.codebooks_ = torch.zeros(self.levels, self.codebook_size, dim)
 
     @abstractmethod
-    def _fit_level(self, residual: Tensor, level: int, layout: ShardLayout, generator: torch.Generator,
+    def _fit_level(self, residual: Rows, level: int, layout: ShardLayout, generator: torch.Generator,
                    record: Record) -> None:
         """Fits level ``level`` on ``residual: [n, D]`` (this rank's rows); sets ``codebooks_[level]``."""
 
@@ -363,10 +423,16 @@ class ResidualQuantizer(Quantizer):
     def _assign(self, residual: Tensor, level: int) -> Tensor:
         """``residual: [n, D]`` -> codes ``[n]`` at ``level``."""
 
-    def _subtract_(self, residual: Tensor, level: int) -> None:
-        """Forms the next level's residual in place, chunk by chunk (hard: minus the assigned codeword)."""
+    def _next_residual(self, residual: Rows, level: int, codes: Tensor) -> Rows:
+        """The residual of level ``level + 1`` (hard: minus the assigned codeword). Writes ``codes[:, level]``;
+        a :class:`Residuals` stays lazy (no ``[n, D]`` copy), a tensor is updated in place."""
         for rows in row_chunks(len(residual), self.chunk_size):
-            residual[rows] -= self.codebooks_[level, self._assign(residual[rows], level)]
+            codes[rows, level] = self._assign(residual[rows], level)
+        if isinstance(residual, Residuals) and residual.basis is None:
+            return Residuals(residual.x, self.codebooks_, codes, level + 1)
+        for rows in row_chunks(len(residual), self.chunk_size):
+            residual[rows] -= self.codebooks_[level, codes[rows, level]]
+        return residual
 
     def _descend_(self, residual: Tensor, levels: int) -> Tensor:
         """Encodes ``residual: [n, D]`` through the first ``levels`` levels, in place; returns ``[n, levels]``."""
@@ -397,13 +463,14 @@ class ResidualQuantizer(Quantizer):
         self._init_state(x.shape[1])
         self.history_ = []
         generator = torch.Generator().manual_seed(self.seed)
-        residual = x.clone()
+        codes = torch.zeros(len(x), self.levels, dtype=torch.long)
+        residual: Rows = Residuals(x, self.codebooks_, codes, 0)  # rows formed on read: x is never copied
         with tqdm(total=self.levels, desc=self.name, disable=not progress or rank() != 0) as bar:
             for level in range(self.levels):
                 record = self._recorder(level, writer, bar)
                 self._fit_level(residual, level, layout, generator, record)
                 if level + 1 < self.levels:
-                    self._subtract_(residual, level)
+                    residual = self._next_residual(residual, level, codes)
                 bar.update()
         return self
 
@@ -414,9 +481,12 @@ class ResidualQuantizer(Quantizer):
             entry = {"level": level, **entry}
             self.history_.append(entry)
             scalars = {k: v for k, v in entry.items() if isinstance(v, float)}
+            stage = entry["stage"]
+            if stage.endswith("_progressive"):  # one curve per column count
+                stage = f"{stage}/dims_{entry['dims']}"
             if writer is not None:
                 for key, value in scalars.items():
-                    writer.add_scalar(f"{self.name}/{entry['stage']}/level_{level}/{key}", value, entry["iteration"])
+                    writer.add_scalar(f"{self.name}/{stage}/level_{level}/{key}", value, entry["iteration"])
             bar.set_postfix(stage=entry["stage"], iteration=entry["iteration"], rmse=f"{entry['rmse']:.5f}")
 
         return record

@@ -13,7 +13,7 @@ from torchrec_sid.data.synthetic import SyntheticConfig
 from torchrec_sid.models.configs import ModelConfig
 from torchrec_sid.typed_config import bounds, check_bounds, from_mapping
 
-DATA_SOURCES = ("movielens", "synthetic")
+DATA_SOURCES = ("movielens", "movielens_latest", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class TrainConfig:
 
     Args:
         name: the run's name in result tables.
-        data: ``movielens`` or ``synthetic``.
+        data: ``movielens`` (MovieLens-100k), ``movielens_latest`` (MovieLens latest-small: 9,066 movies, a long
+            tail; :mod:`torchrec_sid.data.movielens_latest`) or ``synthetic``.
         ml100k: official ml-100k folder (None: the PyPI wheel copy).
         synthetic: :class:`~torchrec_sid.data.synthetic.SyntheticConfig` fields for ``data: synthetic``.
         semantic_ids: a ``SemanticIds`` file (from ``torchrec-sid quantize``), needed by SID features and SIM.
@@ -43,6 +44,9 @@ class TrainConfig:
         eval_splits: splits evaluated after training: ``train``, ``valid``, ``test``, ``cold`` (items never trained
             on) and ``tail`` (the test samples of the least popular quarter of the test items).
         max_steps: stop after this many steps (None: all epochs); for tests and smoke runs.
+        tail_impressions: k of the test-period slices evaluated with ``test``: ``slice_tail`` holds the items with 1
+            to k training impressions, ``slice_head`` more, ``slice_cold`` none (see
+            :func:`~torchrec_sid.train.loop.slice_metrics`).
     """
 
     name: str = "run"
@@ -63,6 +67,7 @@ class TrainConfig:
     resume: bool = False
     eval_splits: tuple[str, ...] = ("valid", "test", "cold")
     max_steps: int | None = field(default=None, metadata=bounds(ge=1))
+    tail_impressions: int = field(default=5, metadata=bounds(ge=1))
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -38,7 +38,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from torchrec_sid.data.batches import CtrBatches, InteractionData
-from torchrec_sid.io import atomic_write_json, folder_lock, sha256_bytes, sha256_file
+from torchrec_sid.io import atomic_write_json, check_recorded_sha256, folder_lock, sha256_bytes, sha256_file
 from torchrec_sid.models.dlrm import SidDLRM, count_parameters, table_parameters
 from torchrec_sid.models.factory import from_catalog
 from torchrec_sid.modules import SoftSidEmbedding
@@ -64,6 +64,11 @@ def load_data(config: TrainConfig) -> tuple[InteractionData, dict[str, Tensor] |
 
         ml = movielens.load(config.ml100k)
         return ml.interactions().with_long_tail(), ml.signals(progress=False) if needs_signals else None
+    if config.data == "movielens_latest":
+        from torchrec_sid.data import movielens_latest
+
+        latest = movielens_latest.load()
+        return latest.interactions().with_long_tail(), latest.signals(progress=False) if needs_signals else None
     from torchrec_sid.data.synthetic import generate
 
     synthetic = generate(config.synthetic_config())
@@ -74,11 +79,22 @@ def build_model(config: TrainConfig, data: InteractionData, signals: dict[str, T
     """The unsharded model, initialised from ``config.seed`` (so every process builds the same one); ids of items
     the training split never shows are out of its vocabulary."""
     semantic_ids = SemanticIds.load(config.semantic_ids) if config.semantic_ids else None
+    if semantic_ids is not None and config.semantic_ids and config.tokenizer and (  # one quantize run's pair
+            Path(config.tokenizer).resolve() == quantizer_path(config.semantic_ids).resolve()):
+        check_recorded_sha256(config.tokenizer, semantic_ids.config.get("quantizer_sha256"),
+                              f"the SID table {config.semantic_ids}")
     # the protocol's static types do not see MMQTokenizer's ModuleList of codebooks as a Sequence[nn.Embedding]
     tokenizer = cast(SoftIndexTokenizer, MMQ.load(config.tokenizer).model_) if config.tokenizer else None
     torch.manual_seed(config.seed)
     trained = torch.from_numpy(data.trained_items(config.model.max_history))
     return from_catalog(config.model, data.catalog, semantic_ids, signals, tokenizer, trained)
+
+
+def item_rows(model: SidDLRM) -> int:
+    """Embedding rows the model spends on items: the rows of its item arch's tables (id, hashed id, SID tokens;
+    SIDE and soft SIDs hold none), the memory the equal-memory comparisons hold fixed."""
+    collection = model.item_arch.embedding_collection
+    return 0 if collection is None else sum(c.num_embeddings for c in collection.embedding_configs())
 
 
 def export_semantic_ids(model: nn.Module, config: TrainConfig) -> SemanticIds:
@@ -130,8 +146,9 @@ def shard(model: nn.Module, config: TrainConfig, world_size: int, device: torch.
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dict[str, float]:
-    """AUC / NE / log loss of one split over all processes; every process runs the same number of forwards.
+def predict(model: nn.Module, batches: CtrBatches, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Click probabilities, labels and sample indices (rows of ``batches.samples``) of one split, ``[N]`` each,
+    gathered over all processes (in rank order); every process runs the same number of forwards.
 
     ``model``: a (sharded) :class:`~torchrec_sid.train.pipeline.SidDLRMTrain`, not held by a train pipeline.
     """
@@ -139,7 +156,7 @@ def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dic
     n, b = len(batches.samples), batches.batch_size
     total = math.ceil(n / b)
     rounds = math.ceil(total / batches.world_size)
-    scores, labels = [], []
+    scores, labels, rows_done = [], [], []
     for r in range(rounds):
         index = r * batches.world_size + batches.rank
         rows = np.arange(index * b, min((index + 1) * b, n)) if index < total else np.arange(min(b, n))
@@ -148,6 +165,7 @@ def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dic
         if index < total:  # a process without a batch left repeats the first one and drops the result
             scores.append(torch.sigmoid(logits).float().cpu())
             labels.append(batch.labels.cpu())
+            rows_done.append(rows)
     model.train()
     empty = torch.zeros(0)
     probabilities = gather(torch.cat(scores) if scores else empty)
@@ -155,7 +173,48 @@ def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dic
     if len(bad):
         raise DivergedError(f"evaluation: {len(bad)} of {len(probabilities)} scores are not finite (NaN or inf), "
                             f"first at example {int(bad[0])}; the model diverged, no metrics were computed")
-    return ctr_metrics(probabilities, gather(torch.cat(labels) if labels else empty))
+    done = torch.from_numpy(np.concatenate(rows_done)) if rows_done else torch.zeros(0, dtype=torch.long)
+    return probabilities, gather(torch.cat(labels) if labels else empty), gather(done)
+
+
+def evaluate(model: nn.Module, batches: CtrBatches, device: torch.device) -> dict[str, float]:
+    """AUC / GAUC / NE / log loss of one split over all processes (:func:`predict`, then
+    :func:`~torchrec_sid.train.metrics.ctr_metrics`)."""
+    probabilities, labels, rows = predict(model, batches, device)
+    return ctr_metrics(probabilities, labels, torch.from_numpy(batches.samples.users)[rows])
+
+
+SLICES = ("all", "head", "tail", "cold")  # the keys slice_<name> of slice_metrics
+
+
+def slice_metrics(data: InteractionData, predictions: dict[str, tuple[Tensor, Tensor, Tensor]],
+                  tail_impressions: int) -> dict[str, dict[str, float]]:
+    """Metrics of the test period by the candidate's training impressions (its samples in ``train``).
+
+    ``predictions``: :func:`predict`'s output of ``test`` and, when evaluated, ``cold`` (its samples from the start
+    of the test period on). Slices of those samples: ``all``; ``head``, items with more than ``tail_impressions``
+    training impressions; ``tail``, items with 1 to ``tail_impressions``; ``cold``, items with none (the held-out
+    items and the warm items training never showed). Keys ``slice_<name>``, each a
+    :func:`~torchrec_sid.train.metrics.ctr_metrics` dict with ``tail_impressions`` (k) recorded in it.
+    """
+    counts = torch.from_numpy(np.bincount(data.splits["train"].items, minlength=data.catalog.num_items))
+    start = int(data.splits["test"].timestamps.min()) if len(data.splits["test"]) else 0
+    parts = []
+    for split in ("test", "cold"):
+        if split not in predictions:
+            continue
+        p, y, rows = predictions[split]
+        samples = data.splits[split]
+        if split == "cold":  # the cold split also covers the validation period
+            keep = torch.from_numpy(samples.timestamps)[rows] >= start
+            p, y, rows = p[keep], y[keep], rows[keep]
+        parts.append((p, y, torch.from_numpy(samples.users)[rows], torch.from_numpy(samples.items)[rows]))
+    p, y, users, items = (torch.cat([part[k] for part in parts]) for k in range(4))
+    seen = counts[items]
+    masks = {"all": torch.ones_like(seen, dtype=torch.bool), "head": seen > tail_impressions,
+             "tail": (seen >= 1) & (seen <= tail_impressions), "cold": seen == 0}
+    return {f"slice_{name}": {**ctr_metrics(p[masks[name]], y[masks[name]], users[masks[name]]),
+                              "tail_impressions": tail_impressions} for name in SLICES}
 
 
 class DivergedError(ValueError):
@@ -176,10 +235,12 @@ def run(config: TrainConfig, resume_anyway: bool = False) -> dict[str, Any] | No
 
 def run_identity(config: TrainConfig, data: InteractionData) -> dict[str, str]:
     """What a checkpoint must share with the run that resumes it: the SHA-256 of the settings that shape training
-    (not ``name``, ``out``, ``resume``, ``max_steps``, ``epochs``, ``eval_splits``, ``checkpoint_every``), and a
+    (not ``name``, ``out``, ``resume``, ``max_steps``, ``epochs``, ``eval_splits``, ``checkpoint_every``,
+    ``tail_impressions``), and a
     fingerprint of the training split and of the SID / tokenizer files."""
     settings = {k: v for k, v in config.to_dict().items()
-                if k not in {"name", "out", "resume", "max_steps", "epochs", "eval_splits", "checkpoint_every"}}
+                if k not in {"name", "out", "resume", "max_steps", "epochs", "eval_splits", "checkpoint_every",
+                             "tail_impressions"}}
     train = data.splits["train"]
     digest = hashlib.sha256()
     for array in (train.users, train.items, train.labels, train.timestamps):
@@ -193,9 +254,10 @@ def run_identity(config: TrainConfig, data: InteractionData) -> dict[str, str]:
 def _run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
          resume_anyway: bool) -> dict[str, Any] | None:
     data, signals = load_data(config)
+    model = build_model(config, data, signals)  # first: it names a missing SID / tokenizer file
     identity = run_identity(config, data)
-    model = build_model(config, data, signals)
     parameters = count_parameters(model)
+    rows = item_rows(model)
     dmp, optimizer = shard(SidDLRMTrain(model), config, world_size, device)
     out = Path(config.out)
     writer = SummaryWriter(str(out / "tensorboard")) if rank == 0 else None
@@ -205,7 +267,12 @@ def _run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
                 else {"epoch": 0, "batch": 0, "step": 0})
     steps_per_epoch = len(train)
     total_steps = config.epochs * steps_per_epoch if config.max_steps is None else config.max_steps
-    examples, train_seconds = 0, 0.0
+    # the training figures of the whole run: a resumed run continues those its checkpoint recorded
+    examples, train_seconds = int(progress.get("examples", 0)), float(progress.get("train_seconds", 0.0))
+    first_step = progress["step"]
+    if config.resume and (progress["epoch"] >= config.epochs or first_step >= total_steps):
+        logger.info("resume: the checkpoint is the end of the run (step %d); nothing left to train, evaluating it",
+                    first_step)
     pipeline = train_pipeline(dmp, optimizer, device)
     soft_sid = next((m for m in dmp.modules() if isinstance(m, SoftSidEmbedding)), None)
     with tqdm(total=total_steps, initial=progress["step"], desc=config.name, disable=rank != 0) as bar:
@@ -232,13 +299,17 @@ def _run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
                         writer.add_scalar("train/tokenizer_regulariser", soft_sid.last_regulariser.item(),
                                           progress["step"])
                 if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0:
-                    _checkpoint(dmp, optimizer, out, progress, identity)
+                    _checkpoint(dmp, optimizer, out, {**progress, **_figures(examples, train_seconds, pipeline)},
+                                identity)
             if progress["epoch"] == epoch and progress["batch"] == steps_per_epoch:  # the epoch ran to its end
                 progress = {"epoch": epoch + 1, "batch": 0, "step": progress["step"]}
-                _checkpoint(dmp, optimizer, out, progress, identity)
+                _checkpoint(dmp, optimizer, out, {**progress, **_figures(examples, train_seconds, pipeline)},
+                            identity)
                 continue
             break  # max_steps reached
-    pipelined = describe(pipeline)
+    # a resumed run that had nothing left to train reports the pipeline its checkpoint recorded
+    pipelined = describe(pipeline) if progress["step"] > first_step else progress.get("train_pipeline",
+                                                                                    describe(pipeline))
     logger.info("train pipeline: %s", pipelined)
     detach(pipeline)  # the model's own forwards again, for evaluation
 
@@ -254,14 +325,21 @@ def _run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
         "world_size": world_size,
         "steps": progress["step"],
         "parameters": parameters,
+        "item_rows": rows,
         "train_examples_per_second": examples / train_seconds if train_seconds else None,  # None: no step ran
         "train_pipeline": pipelined,
         "metrics": metrics,
     }
     if exported is not None:
         results["exported_semantic_ids"] = {"path": config.export_semantic_ids, "metrics": exported.metrics}
-    atomic_write_json(out / "results.json", _json_safe(results))
+    atomic_write_json(out / "results.json", _json_safe(results))  # an undefined metric is null, never NaN
     return results
+
+
+def _figures(examples: int, train_seconds: float, pipeline: Any) -> dict[str, Any]:
+    """The training figures a checkpoint records with its progress, so a resumed run reports those of the whole
+    run (examples trained, seconds spent in training steps, the pipeline's description)."""
+    return {"examples": examples, "train_seconds": train_seconds, "train_pipeline": describe(pipeline)}
 
 
 def _json_safe(value: Any) -> Any:
@@ -274,8 +352,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def _resume(dmp: nn.Module, optimizer: CombinedOptimizer, out: Path, identity: dict[str, str],
-            resume_anyway: bool) -> dict[str, int]:
-    """Loads the newest checkpoint under ``out`` into ``dmp`` and ``optimizer``; its progress (zeros if none)."""
+            resume_anyway: bool) -> dict[str, Any]:
+    """Loads the newest checkpoint under ``out`` into ``dmp`` and ``optimizer``; its progress (zeros if none) and
+    the training figures it recorded (:func:`_figures`)."""
     found = checkpoint.latest(out / "checkpoints")
     if found is None:
         logger.warning("resume: no checkpoint in %s, so this run starts from step 0", out / "checkpoints")
@@ -291,15 +370,22 @@ def _resume(dmp: nn.Module, optimizer: CombinedOptimizer, out: Path, identity: d
 
 def _evaluate_splits(dmp: nn.Module, data: InteractionData, config: TrainConfig, rank: int, world_size: int,
                      device: torch.device, writer: SummaryWriter | None, step: int) -> dict[str, dict[str, float]]:
-    """:func:`evaluate` on every split of ``config.eval_splits``, logged to ``writer`` at ``step``."""
+    """:func:`evaluate` on every split of ``config.eval_splits`` and, when ``test`` is one, the test period's
+    :func:`slice_metrics` (head / tail / cold items by training impressions), logged to ``writer`` at ``step``."""
     metrics = {}
+    predictions = {}
     for split in config.eval_splits:
         batches = CtrBatches(data, split, config.batch_size, max_history=config.model.max_history, rank=rank,
                              world_size=world_size)
-        metrics[split] = evaluate(dmp, batches, device)
-        if writer is not None:
-            for key in ("auc", "ne", "logloss"):
-                writer.add_scalar(f"{split}/{key}", metrics[split][key], step)
+        predictions[split] = predict(dmp, batches, device)
+        p, y, rows = predictions[split]
+        metrics[split] = ctr_metrics(p, y, torch.from_numpy(batches.samples.users)[rows])
+    if "test" in predictions:
+        metrics.update(slice_metrics(data, predictions, config.tail_impressions))
+    if writer is not None:
+        for split, values in metrics.items():
+            for key in ("auc", "gauc", "ne", "logloss"):
+                writer.add_scalar(f"{split}/{key}", values[key], step)
     return metrics
 
 

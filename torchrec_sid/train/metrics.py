@@ -4,6 +4,9 @@
 * ``ne``: normalised entropy, ``torchrec.metrics.ne.compute_ne``: the log loss divided by the entropy of the label
   mean (``NE = -1/N sum [y log p + (1-y) log(1-p)] / -[p̂ log p̂ + (1-p̂) log(1-p̂)]``; < 1 beats the base rate).
 * ``logloss``: mean binary cross-entropy in nats.
+* ``gauc`` (with ``users``): :func:`torchrec_sid.metrics.gauc`, the per-user AUC weighted by the user's
+  impressions; users whose impressions are all of one class are skipped (``gauc_users`` / ``gauc_count``: the users
+  and impressions it counts).
 
 Predictions are gathered from every rank first, so the numbers are those of the whole split, not a mean of
 per-rank values.
@@ -19,19 +22,25 @@ from torch import Tensor
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
 from torchrec_sid._dist import is_distributed
-from torchrec_sid.metrics import auc
+from torchrec_sid.metrics import auc, gauc
 
 ETA = 1e-12
 
 
-def ctr_metrics(probabilities: Tensor, labels: Tensor) -> dict[str, float]:
-    """``probabilities: [N]`` in ``[0, 1]`` and ``labels: [N]`` in ``{0, 1}`` -> auc, ne, logloss, count, pos rate."""
+def ctr_metrics(probabilities: Tensor, labels: Tensor, users: Tensor | None = None) -> dict[str, float]:
+    """``probabilities: [N]`` in ``[0, 1]`` and ``labels: [N]`` in ``{0, 1}`` -> auc, ne, logloss, count, pos rate;
+    with ``users: [N]`` also gauc, gauc_users, gauc_count."""
     if probabilities.shape != labels.shape or probabilities.ndim != 1:
         raise ValueError(f"probabilities and labels must both be [N], got {tuple(probabilities.shape)} and "
                          f"{tuple(labels.shape)}")
     n = len(labels)
+    grouped: dict[str, float] = {}
+    if users is not None:
+        value, counted_users, counted = gauc(probabilities, labels, users)
+        grouped = {"gauc": value, "gauc_users": counted_users, "gauc_count": counted}
     if n == 0:
-        return {"auc": float("nan"), "ne": float("nan"), "logloss": float("nan"), "count": 0, "positive_rate": 0.0}
+        return {"auc": float("nan"), "ne": float("nan"), "logloss": float("nan"), "count": 0, "positive_rate": 0.0,
+                **grouped}
     p, y = probabilities.double(), labels.double()
     weights = torch.ones_like(p)
     ce_sum = compute_cross_entropy(y, p, weights, ETA).sum()  # bits
@@ -43,9 +52,8 @@ def ctr_metrics(probabilities: Tensor, labels: Tensor) -> dict[str, float]:
         "logloss": float(ce_sum) * math.log(2) / n,
         "count": n,
         "positive_rate": float(positives) / n,
+        **grouped,
     }
-
-
 
 
 def gather(tensor: Tensor) -> Tensor:
