@@ -284,9 +284,9 @@ def test_data_source_errors_and_yaml_syntax_errors_are_one_line(
 def test_resuming_a_finished_run_gives_the_same_results(tiny: dict, tmp_path: Path) -> None:
     """Nothing is left to train: the metrics are those of the run, and the training figures (throughput, pipeline)
     the ones its last checkpoint recorded, never NaN or empty."""
-    from tests.multiprocess import run_multiprocess
-
     import json
+
+    from tests.multiprocess import run_multiprocess
 
     raw = {**tiny, "out": str(tmp_path / "run")}
     [first] = run_multiprocess(_train, world_size=1, raw=raw)

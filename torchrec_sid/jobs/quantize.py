@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import threading
 import warnings
@@ -30,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from torchrec_sid._dist import is_distributed
 from torchrec_sid.io import check_recorded_sha256, published_together, sha256_file
+from torchrec_sid.jobs.scale import release_pages
 from torchrec_sid.quantizers.base import Quantizer, build_quantizer
 from torchrec_sid.quantizers.metrics import code_balance, collisions, quality_report, utilization
 from torchrec_sid.sid import SemanticIds
@@ -181,6 +181,7 @@ def _check_values(path: str, source: np.ndarray) -> None:
             if overflow.any():
                 big_first = start + int(np.argmax(overflow)) if big_first < 0 else big_first
                 big += int(overflow.sum())
+        release_pages(source)  # the scan reads the whole file: keep none of it resident
     if bad:
         raise ValueError(f"--data {path} has non-finite values (NaN or inf) in row {bad_first} ({bad} rows in all)")
     if big:
@@ -212,9 +213,7 @@ def _release_pages(source: dict[str, np.ndarray]) -> None:
     """Drops this process's resident pages of memory-mapped signals (the file stays in the page cache; a later
     read faults them back in), so they do not count twice towards the peak memory with the metrics pass."""
     for array in source.values():
-        mapping = getattr(array, "_mmap", None)  # np.memmap's mmap.mmap
-        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+        release_pages(array)
 
 
 PAGE_RELEASE_S = 0.02  # how often a fit on a memory map drops the map's resident pages (a low-dimensional
