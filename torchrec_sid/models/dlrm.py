@@ -96,6 +96,9 @@ class ItemArch(nn.Module):
             :class:`~torchrec_sid.modules.SidFeatureTransform` (an in-model per-item lookup, replicated on every
             rank: :func:`~torchrec_sid.modules.sid_codes.lookup_table_bytes`) or a
             :class:`~torchrec_sid.modules.sid_codes.SidCodeTransform` (reads ``code_features``; no per-item state).
+            A SidFeatureTransform whose ``distinct_features`` holds ``history_feature`` passes the history's
+            distinct ids only: each is looked up once per batch and its rows are gathered back to the events
+            (the same vectors, fewer lookups; :func:`_item_arch` builds it so).
         code_features: the KJT features carrying the candidate's and the history's SID codes, level by level
             (``([item__code0, ...], [history__code0, ...])``, the SIDs-as-features path): SIDE packs them, and
             :class:`ItemVectors` carries them (SIM's search keys). None: SIDs come from per-item buffers.
@@ -149,6 +152,9 @@ class ItemArch(nn.Module):
         self.transform = transform
         self.embedding_collection = embedding_collection
         self.candidate_features, self.history_features = self._table_features(embedding_collection, transform)
+        # the transform reduces the history to its distinct items: look each up once, gather back to the events
+        self.distinct_history = (isinstance(transform, SidFeatureTransform) and bool(self.history_features)
+                                 and history_feature in transform.distinct_features)
         ids = {item_feature, history_feature} & {*self.candidate_features, *self.history_features}
         if (id_dropout or trained_items is not None) and not ids:
             raise ValueError(f"ItemArch: id_dropout / trained_items act on the id tables, but embedding_collection "
@@ -246,9 +252,13 @@ class ItemArch(nn.Module):
             for name in self.candidate_features:
                 rows = embedded[name].values()
                 candidate = candidate + (self._id_rows(rows, candidate_ids) if name == self.item_feature else rows)
-            for name in self.history_features:
-                rows = embedded[name].values()
-                history = history + (self._id_rows(rows, history_ids) if name == self.history_feature else rows)
+            if self.distinct_history:  # the transformed history holds its distinct ids, sorted
+                history = self._distinct_history_rows(embedded, features[self.history_feature].values(),
+                                                      history_ids)
+            else:
+                for name in self.history_features:
+                    rows = embedded[name].values()
+                    history = history + (self._id_rows(rows, history_ids) if name == self.history_feature else rows)
         if self.side is not None and self.side_packed_ids is not None:
             candidate = candidate + self.side(self.side_packed_ids[candidate_ids])
             history = history + self.side(self.side_packed_ids[history_ids])
@@ -266,6 +276,24 @@ class ItemArch(nn.Module):
             ages = (features[history_times].values() - request).float()
         return ItemVectors(candidate, history, candidate_ids, history_ids, lengths, ages, candidate_codes,
                            history_codes)
+
+    def _distinct_history_rows(self, embedded: dict[str, JaggedTensor], distinct_ids: Tensor,
+                               history_ids: Tensor) -> Tensor:
+        """``[sum L, d]``: the history's summed rows, from lookups of its distinct items ``distinct_ids: [U]``
+        (sorted; ``[U, d]`` rows per feature, the transform's ``distinct_features``), gathered back to the events
+        ``history_ids: [sum L]``. The sum runs in the same order as the per-event path: equal bit for bit."""
+        inverse = torch.searchsorted(distinct_ids, history_ids)  # [sum L], the event's row among the U
+        if self.training and self.id_dropout > 0:  # id dropout draws per event: gather every feature first
+            history = history_ids.new_zeros((history_ids.size(0), self.embedding_dim), dtype=torch.float32)
+            for name in self.history_features:
+                rows = embedded[name].values().index_select(0, inverse)
+                history = history + (self._id_rows(rows, history_ids) if name == self.history_feature else rows)
+            return history
+        distinct = torch.zeros_like(embedded[self.history_features[0]].values())  # [U, d]
+        for name in self.history_features:  # trained_items masks per item: on the distinct rows
+            rows = embedded[name].values()
+            distinct = distinct + (self._id_rows(rows, distinct_ids) if name == self.history_feature else rows)
+        return distinct.index_select(0, inverse)
 
     def _side_packed(self, codes: Tensor) -> Tensor:
         """Codes ``[n, levels]`` -> SIDE's packed SIDs ``[n]`` over its levels; ``-1`` (unknown) digits read as the
@@ -521,7 +549,9 @@ def _item_arch(config: ModelConfig, schema: FeatureSchema, semantic_ids: Semanti
         if tokens.row_budget is not None:
             settings["max_table_size"] = budget_table_size(semantic_ids.cardinalities, tokens)
         transform = (SidCodeTransform(semantic_ids.cardinalities, item_features, **settings)
-                     if config.sid_features else SidFeatureTransform(semantic_ids, item_features, **settings))
+                     if config.sid_features else SidFeatureTransform(semantic_ids, item_features,
+                                                                     distinct_features=[schema.history_feature],
+                                                                     **settings))
         tables += transform.embedding_configs(d)
     if config.id_buckets is not None:  # the id table, hashed: a one-level "SID" of hash buckets
         transform = hashed_id_transform(schema.num_items, config.id_buckets, item_features)

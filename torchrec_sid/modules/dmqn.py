@@ -145,7 +145,7 @@ class MultiClusterQuantizer(nn.Module):
         for name, value in sizes.items():
             if value <= 0:
                 raise ValueError(f"MultiClusterQuantizer: {name} must be positive, got {value}")
-        self.codebook_size = codebook_size
+        self.num_codebooks, self.codebook_size = num_codebooks, codebook_size
         self.schedule = temperature
         self.logit_scale = logit_scale
         self.projections = nn.Parameter(torch.randn(num_codebooks, embedding_dim, latent_dim) / embedding_dim**0.5)
@@ -175,11 +175,10 @@ class MultiClusterQuantizer(nn.Module):
 
     def forward(self, history: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Clusters:
         """``history: [B, L, D]``, ``mask: [B, L]`` bool, ``timestamps: [B, L]`` → :class:`Clusters` (M = N·W)."""
+        if not self.training:
+            return self._pool_argmax(history, mask, timestamps)
         history = torch.where(mask[..., None], history, 0.0)
-        if self.training:
-            assignment = gumbel_straight_through(self.logits(history), self.step, astuple(self.schedule))
-        else:
-            assignment = F.one_hot(self.logits(history).argmax(dim=-1), self.codebook_size).to(history.dtype)
+        assignment = gumbel_straight_through(self.logits(history), self.step, astuple(self.schedule))
         assignment = (assignment * mask[..., None, None]).flatten(2)  # [B, L, M]
         counts = assignment.sum(dim=1)
         denominator = counts.detach().clamp(min=1)[..., None]
@@ -189,6 +188,46 @@ class MultiClusterQuantizer(nn.Module):
             times = torch.where(mask, timestamps, 0).double()
             mean_times = (assignment.detach().double().transpose(1, 2) @ times[..., None]).squeeze(-1)
             mean_times = mean_times / counts.detach().double().clamp(min=1)
+        return Clusters(embeddings, counts, mean_times)
+
+    def argmax_codes(self, history: Tensor) -> Tensor:
+        """``history: [B, L, D]`` → every event's argmax codeword per codebook, ``[B, L, N]``: that of
+        :meth:`logits`, but for ties within float rounding.
+
+        An event's latent norm is a positive factor shared by a codebook's W cosines, so the argmax needs no
+        normalised latent: the projections and the normalised codebooks fold into one ``[D, N·W]`` matrix (one
+        GEMM instead of two and a normalisation over ``[B, L, N, D']``).
+        """
+        folded = torch.einsum("nde,nwe->dnw", self.projections, F.normalize(self.codebooks, dim=-1))
+        scores = history @ folded.flatten(1)  # [B, L, N·W]
+        return scores.unflatten(-1, (self.num_codebooks, self.codebook_size)).argmax(dim=-1)
+
+    def _pool_argmax(self, history: Tensor, mask: Tensor, timestamps: Tensor | None) -> Clusters:
+        """The eval forward: each event joins its argmax cluster in every codebook; the clusters sum their events
+        with ``index_add`` (no ``[B, L, M]`` one-hot, no matmul over it). Masked events go to a spare row."""
+        batch, length, dim = history.size(0), history.size(1), history.size(2)
+        clusters = self.num_codebooks * self.codebook_size
+        offsets = torch.arange(self.num_codebooks, device=history.device) * self.codebook_size  # [N]
+        users = torch.arange(batch, device=history.device)[:, None, None] * clusters  # [B, 1, 1]
+        index = self.argmax_codes(history) + offsets + users  # [B, L, N], a row of the [B·M] clusters
+        index = torch.where(mask[..., None], index, batch * clusters).flatten(0, 1).t().contiguous()  # [N, B·L]
+        events = history.reshape(batch * length, dim)
+        sums = history.new_zeros((batch * clusters + 1, dim))
+        counts = history.new_zeros(batch * clusters + 1)
+        ones = history.new_ones(batch * length)
+        times = None if timestamps is None else timestamps.reshape(batch * length).double()
+        time_sums = None if times is None else times.new_zeros(batch * clusters + 1)
+        for codebook in range(self.num_codebooks):
+            rows = index[codebook]
+            sums.index_add_(0, rows, events)
+            counts.index_add_(0, rows, ones)
+            if time_sums is not None and times is not None:
+                time_sums.index_add_(0, rows, times)
+        counts = counts[:-1].view(batch, clusters)
+        embeddings = sums[:-1].view(batch, clusters, dim) / counts.clamp(min=1)[..., None]
+        mean_times = None
+        if time_sums is not None:
+            mean_times = time_sums[:-1].view(batch, clusters) / counts.double().clamp(min=1)
         return Clusters(embeddings, counts, mean_times)
 
 

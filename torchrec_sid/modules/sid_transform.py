@@ -182,18 +182,54 @@ def gather_pieces(ids: Tensor, lengths: Tensor, piece_offsets: Tensor, piece_val
     return values, item_ends.index_select(0, boundaries) - item_ends.index_select(0, boundaries - lengths)
 
 
+def distinct_values(features: KeyedJaggedTensor, distinct: list[str] | None) -> KeyedJaggedTensor:
+    """``features`` with each feature of ``distinct`` replaced by its distinct values, sorted (``torch.unique``),
+    all in the first example: lengths ``[U, 0, ..., 0]``. Other features keep their values and lengths.
+
+    A batch's histories repeat items heavily (B x L events, a few thousand distinct items): their lookups shrink
+    to one per distinct item, and ``torch.unique(values, return_inverse=True)[1]`` of the original values gathers
+    the rows back to the events. Weights are dropped (sequence tables ignore them).
+
+    Example::
+
+        # history_item_ids: [[4, 2, 4], [2]] -> [[2, 4], []]
+    """
+    if distinct is None or len(distinct) == 0:
+        return features
+    keys, stride = features.keys(), features.stride()
+    unknown: list[str] = []
+    for feature in distinct:  # a plain loop: TorchScript has neither sets of str nor comprehension ifs
+        if feature not in keys:
+            unknown.append(feature)
+    if len(unknown) > 0:
+        raise ValueError(f"SidFeatureTransform: distinct feature(s) {unknown} are missing from the input; its keys "
+                         f"are {keys}")
+    per_key_values = list(features.values().split(features.length_per_key()))
+    per_key_lengths = list(features.lengths().split([stride] * len(keys)))
+    for feature in distinct:
+        k = keys.index(feature)
+        per_key_values[k] = torch.unique(per_key_values[k])
+        lengths = per_key_lengths[k].new_zeros(stride)
+        lengths[:1] = per_key_values[k].numel()
+        per_key_lengths[k] = lengths
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(per_key_values), lengths=torch.cat(per_key_lengths),
+                             stride=stride, length_per_key=[v.numel() for v in per_key_values])
+
+
 @torch.fx.wrap
 def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_features: list[str],
                       token_features: list[list[str]], oov: bool, piece_offsets: Tensor | None = None,
-                      piece_values: Tensor | None = None) -> KeyedJaggedTensor:
+                      piece_values: Tensor | None = None, distinct: list[str] | None = None) -> KeyedJaggedTensor:
     """``features`` plus, per item feature, one feature per token type (``item_tokens: [T, N (+1)]``).
 
-    Input features keep their keys, order, values, lengths and weights; derived features follow, with their
-    source's lengths (and weights, when ``features`` has weights). An fx leaf: its data-dependent splits and
-    checks run, never get traced.
+    Input features keep their keys, order, values, lengths and weights (those of ``distinct`` are first reduced
+    to their distinct values: :func:`distinct_values`); derived features follow, with their source's lengths
+    (and weights, when ``features`` has weights). An fx leaf: its data-dependent splits and checks run, never
+    get traced.
     """
     if features.variable_stride_per_key():
         raise ValueError("SidFeatureTransform: variable-batch (VBE) KeyedJaggedTensors are not supported")
+    features = distinct_values(features, distinct)
     keys = features.keys()
     values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
     stride, length_per_key = features.stride(), features.length_per_key()
@@ -267,6 +303,10 @@ class SidFeatureTransform(nn.Module):
         name: token name prefix, so two transforms (two artifacts) give distinct feature and table names.
         spm: SentencePiece pieces of every item (:func:`~torchrec_sid.sid.pieces.fit_sid_sentencepiece`), for one
             more token type, ``<feature>__<name>_spm``, after the others (its vocabulary: ``spm.vocab_size`` rows).
+        distinct_features: item features (of ``feature_names``) whose output holds only their distinct ids, sorted,
+            in the first example (:func:`distinct_values`), and tokens for those: a batch's histories then cost one
+            lookup per distinct item; the reader gathers the rows back to its events with
+            ``torch.unique(ids, return_inverse=True)[1]`` (as :class:`~torchrec_sid.models.ItemArch` does).
 
     Example::
 
@@ -305,6 +345,7 @@ class SidFeatureTransform(nn.Module):
         name: str = "sid",
         ngram_groups: Sequence[int] = (),
         spm: SidPieces | None = None,
+        distinct_features: Sequence[str] = (),
     ) -> None:
         super().__init__()
         num_levels = semantic_ids.num_levels if num_levels is None else num_levels
@@ -319,6 +360,10 @@ class SidFeatureTransform(nn.Module):
         if spm is not None:
             self._register_pieces(spm, semantic_ids.num_items)
         self.token_features: list[list[str]] = [self.derived_feature_names(f) for f in self.feature_names]
+        if not set(distinct_features) <= set(self.feature_names):
+            raise ValueError(f"SidFeatureTransform: distinct_features {list(distinct_features)} must be among "
+                             f"feature_names {self.feature_names}")
+        self.distinct_features: list[str] = list(distinct_features)
         self.register_buffer(
             "item_tokens", item_token_table(semantic_ids.codes[:, :num_levels], cardinalities, self.tokens, self.oov)
         )
@@ -379,8 +424,10 @@ class SidFeatureTransform(nn.Module):
                 for table, rows, features in self._tables(feature_names)]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """``features`` (B examples) → the same features plus ``len(feature_names) * T`` token features."""
+        """``features`` (B examples) → the same features (``distinct_features`` reduced to their distinct ids)
+        plus ``len(feature_names) * T`` token features."""
         if self.spm_vocab_size is None:
-            return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov)
+            return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov,
+                                     distinct=self.distinct_features)
         return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov,
-                                 self.piece_offsets, self.piece_values)
+                                 self.piece_offsets, self.piece_values, distinct=self.distinct_features)
