@@ -21,12 +21,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.pt2.checks import is_pt2_compiling
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.modules.sid_transform import (
     MAX_TABLE_SIZE,
+    SidTableLayout,
     SidToken,
     UnknownIdPolicy,
     hash_packed_ids,
@@ -115,7 +115,7 @@ def codes_to_sid_tokens(features: KeyedJaggedTensor, item_features: list[str], c
                              lengths=torch.cat(out_lengths), stride=stride, length_per_key=out_length_per_key)
 
 
-class SidCodeTransform(nn.Module):
+class SidCodeTransform(SidTableLayout, nn.Module):
     """Turns per-level SID code features into SID token features, holding no per-item state.
 
     For each item feature ``f`` the input KJT carries ``f`` and its code features ``f__code0 .. f__code{n-1}``
@@ -215,29 +215,6 @@ class SidCodeTransform(nn.Module):
     def num_embeddings(self) -> list[int]:
         """Rows per token table: the exact vocabulary or the hash size, plus the OOV row under ``"oov"``."""
         return [token.num_buckets + int(self.oov) for token in self.tokens]
-
-    def _tables(self, feature_names: Sequence[str] | None) -> list[tuple[str, int, list[str]]]:
-        selected = self.feature_names if feature_names is None else list(feature_names)
-        unknown = sorted(set(selected) - set(self.feature_names))
-        if unknown:
-            raise ValueError(f"SidCodeTransform: {unknown} are not item features of this transform "
-                             f"({self.feature_names})")
-        derived = [self.derived_feature_names(f) for f in selected]
-        return [(table, rows, [names[t] for names in derived])
-                for t, (table, rows) in enumerate(zip(self.table_names(), self.num_embeddings(), strict=True))]
-
-    def embedding_bag_configs(self, embedding_dim: int, feature_names: Sequence[str] | None = None,
-                              pooling: PoolingType = PoolingType.SUM) -> list[EmbeddingBagConfig]:
-        """Pooled tables, as :meth:`SidFeatureTransform.embedding_bag_configs`."""
-        return [EmbeddingBagConfig(num_embeddings=rows, embedding_dim=embedding_dim, name=table,
-                                   feature_names=features, pooling=pooling)
-                for table, rows, features in self._tables(feature_names)]
-
-    def embedding_configs(self, embedding_dim: int,
-                          feature_names: Sequence[str] | None = None) -> list[EmbeddingConfig]:
-        """Sequence tables, as :meth:`SidFeatureTransform.embedding_configs`."""
-        return [EmbeddingConfig(num_embeddings=rows, embedding_dim=embedding_dim, name=table, feature_names=features)
-                for table, rows, features in self._tables(feature_names)]
 
     def state_bytes(self) -> int:
         """Bytes of tensors this module holds: 0, whatever the catalogue size (see :func:`lookup_table_bytes`)."""

@@ -34,6 +34,7 @@ Every token of every item is computed once, at construction, into the buffer ``i
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -277,7 +278,52 @@ def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_fea
                              stride=stride, length_per_key=out_length_per_key)
 
 
-class SidFeatureTransform(nn.Module):
+class SidTableLayout(ABC):
+    """The token tables of a SID transform, for ``EmbeddingBagCollection`` / ``EmbeddingCollection`` configs: one
+    table per token type, shared by the derived features of every item feature (a candidate and a history look up
+    the same rows). Needs ``feature_names``, :meth:`table_names`, :meth:`num_embeddings` and
+    :meth:`derived_feature_names` of the transform it is mixed into."""
+
+    if TYPE_CHECKING:  # set by the transform; TorchScript cannot read class-level annotations here
+        feature_names: list[str]
+
+    @abstractmethod
+    def table_names(self) -> list[str]:
+        """One table name per token type."""
+
+    @abstractmethod
+    def num_embeddings(self) -> list[int]:
+        """Rows per token table."""
+
+    @abstractmethod
+    def derived_feature_names(self, feature: str) -> list[str]:
+        """Names of the features derived from item feature ``feature``, in table order."""
+
+    def _tables(self, feature_names: Sequence[str] | None) -> list[tuple[str, int, list[str]]]:
+        selected = self.feature_names if feature_names is None else list(feature_names)
+        unknown = sorted(set(selected) - set(self.feature_names))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: {unknown} are not item features of this transform "
+                             f"({self.feature_names})")
+        derived = [self.derived_feature_names(f) for f in selected]
+        return [(table, rows, [names[t] for names in derived])
+                for t, (table, rows) in enumerate(zip(self.table_names(), self.num_embeddings(), strict=True))]
+
+    def embedding_bag_configs(self, embedding_dim: int, feature_names: Sequence[str] | None = None,
+                              pooling: PoolingType = PoolingType.SUM) -> list[EmbeddingBagConfig]:
+        """Pooled tables for the derived features of ``feature_names`` (None: all item features)."""
+        return [EmbeddingBagConfig(num_embeddings=rows, embedding_dim=embedding_dim, name=table,
+                                   feature_names=features, pooling=pooling)
+                for table, rows, features in self._tables(feature_names)]
+
+    def embedding_configs(self, embedding_dim: int,
+                          feature_names: Sequence[str] | None = None) -> list[EmbeddingConfig]:
+        """Sequence tables (for an ``EmbeddingCollection``), laid out as :meth:`embedding_bag_configs`."""
+        return [EmbeddingConfig(num_embeddings=rows, embedding_dim=embedding_dim, name=table, feature_names=features)
+                for table, rows, features in self._tables(feature_names)]
+
+
+class SidFeatureTransform(SidTableLayout, nn.Module):
     """Appends semantic-ID token features (per-level, n-gram, prefix n-gram) for item-id features of a KJT.
 
     Each item feature ``f`` (a candidate ``item_id``, a jagged ``history_item_ids``, ...) gets one new feature per
@@ -396,32 +442,6 @@ class SidFeatureTransform(nn.Module):
         OOV row under ``"oov"``."""
         spm = [] if self.spm_vocab_size is None else [self.spm_vocab_size + int(self.oov)]
         return [token.num_buckets + int(self.oov) for token in self.tokens] + spm
-
-    def _tables(self, feature_names: Sequence[str] | None) -> list[tuple[str, int, list[str]]]:
-        selected = self.feature_names if feature_names is None else list(feature_names)
-        unknown = sorted(set(selected) - set(self.feature_names))
-        if unknown:
-            raise ValueError(f"SidFeatureTransform: {unknown} are not item features of this transform "
-                             f"({self.feature_names})")
-        derived = [self.derived_feature_names(f) for f in selected]
-        return [(table, rows, [names[t] for names in derived])
-                for t, (table, rows) in enumerate(zip(self.table_names(), self.num_embeddings(), strict=True))]
-
-    def embedding_bag_configs(self, embedding_dim: int, feature_names: Sequence[str] | None = None,
-                              pooling: PoolingType = PoolingType.SUM) -> list[EmbeddingBagConfig]:
-        """Pooled tables for the derived features of ``feature_names`` (None: all item features).
-
-        One table per token type, shared by those features (a candidate and a history look up the same rows).
-        """
-        return [EmbeddingBagConfig(num_embeddings=rows, embedding_dim=embedding_dim, name=table,
-                                   feature_names=features, pooling=pooling)
-                for table, rows, features in self._tables(feature_names)]
-
-    def embedding_configs(self, embedding_dim: int,
-                          feature_names: Sequence[str] | None = None) -> list[EmbeddingConfig]:
-        """Sequence tables (for an ``EmbeddingCollection``), laid out as :meth:`embedding_bag_configs`."""
-        return [EmbeddingConfig(num_embeddings=rows, embedding_dim=embedding_dim, name=table, feature_names=features)
-                for table, rows, features in self._tables(feature_names)]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``features`` (B examples) → the same features (``distinct_features`` reduced to their distinct ids)

@@ -107,7 +107,7 @@ class SemanticIds:
         codes, suffix_cardinality = add_collision_suffix(self.codes)
         metrics = {**self.metrics, "collision_rate_before_suffix": collision_rate(self.codes),
                    "collision_rate": collision_rate(codes), "suffix_cardinality": suffix_cardinality}
-        # the suffix has no order; its centre is only a placeholder (SIDE refuses the suffix level)
+        # the suffix has no order; its centre is nominal only (SIDE refuses the suffix level)
         centres = None if self.digit_centres is None else [*self.digit_centres, (suffix_cardinality - 1) / 2]
         return replace(self, codes=codes, cardinalities=[*self.cardinalities, suffix_cardinality],
                        config={**self.config, "collision_suffix": True}, metrics=metrics, digit_centres=centres,
