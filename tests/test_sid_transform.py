@@ -165,8 +165,8 @@ def test_missing_item_feature_raises() -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"num_levels": 4}, "num_levels=4 requested, the SemanticIds artifact has 3 levels"),
-        ({"num_levels": 0}, "num_levels=0 requested, the SemanticIds artifact has 3 levels"),
+        ({"num_levels": 4}, "num_levels=4 requested, the SID table has 3 levels"),
+        ({"num_levels": 0}, "num_levels=0 requested, the SID table has 3 levels"),
         ({"ngram_orders": [4]}, r"ngram_orders must be distinct and in \[1, num_levels=3\], got \[4\]"),
         ({"num_levels": 2, "prefix_lengths": [3]}, r"prefix_lengths must be distinct and in \[1, num_levels=2\], "
                                                    r"got \[3\]"),

@@ -25,10 +25,10 @@ from torchrec.pt2.checks import is_pt2_compiling
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.modules.sid_transform import (
-    MAX_TABLE_SIZE,
     SidTableLayout,
     SidToken,
     UnknownIdPolicy,
+    check_token_settings,
     hash_packed_ids,
     sid_tokens,
 )
@@ -157,8 +157,8 @@ class SidCodeTransform(SidTableLayout, nn.Module):
     ) -> None:
         super().__init__()
         num_levels = len(cardinalities) if num_levels is None else num_levels
-        self._check(cardinalities, feature_names, num_levels, ngram_orders, prefix_lengths, ngram_groups,
-                    max_table_size, unknown_ids)
+        check_token_settings("SidCodeTransform", cardinalities, feature_names, num_levels, ngram_orders,
+                             prefix_lengths, max_table_size, unknown_ids, ngram_groups)
         self.cardinalities: list[int] = list(cardinalities[:num_levels])
         self.feature_names: list[str] = list(feature_names)
         self.name = name
@@ -167,31 +167,6 @@ class SidCodeTransform(SidTableLayout, nn.Module):
         self.code_features: list[list[str]] = [code_feature_names(f, num_levels) for f in self.feature_names]
         self.token_features: list[list[str]] = [self.derived_feature_names(f) for f in self.feature_names]
 
-    @staticmethod
-    def _check(cardinalities: Sequence[int], feature_names: Sequence[str], num_levels: int,
-               ngram_orders: Sequence[int], prefix_lengths: Sequence[int], ngram_groups: Sequence[int],
-               max_table_size: int, unknown_ids: str) -> None:
-        if not feature_names or len(set(feature_names)) != len(feature_names):
-            raise ValueError(f"SidCodeTransform: feature_names must be non-empty and distinct, got "
-                             f"{list(feature_names)}")
-        if not cardinalities or any(k < 1 for k in cardinalities):
-            raise ValueError(f"SidCodeTransform: cardinalities must be >= 1, got {list(cardinalities)}")
-        if not 1 <= num_levels <= len(cardinalities):
-            raise ValueError(f"SidCodeTransform: num_levels={num_levels} requested, the SID table has "
-                             f"{len(cardinalities)} levels")
-        for setting, values in (("ngram_orders", ngram_orders), ("prefix_lengths", prefix_lengths),
-                                ("ngram_groups", ngram_groups)):
-            if len(set(values)) != len(values) or any(not 1 <= v <= num_levels for v in values):
-                raise ValueError(f"SidCodeTransform: {setting} must be distinct and in [1, num_levels="
-                                 f"{num_levels}], got {list(values)}")
-        if not ngram_orders and not prefix_lengths and not ngram_groups:
-            raise ValueError("SidCodeTransform: no tokens requested: ngram_orders, ngram_groups and prefix_lengths "
-                             "are all empty")
-        if not 1 <= max_table_size <= MAX_TABLE_SIZE:
-            raise ValueError(f"SidCodeTransform: max_table_size must be in [1, {MAX_TABLE_SIZE}], got "
-                             f"{max_table_size}")
-        if unknown_ids not in ("raise", "oov"):
-            raise ValueError(f"SidCodeTransform: unknown_ids must be 'raise' or 'oov', got {unknown_ids!r}")
 
     @classmethod
     def from_semantic_ids(cls, semantic_ids: SemanticIds, feature_names: Sequence[str],

@@ -94,28 +94,28 @@ class SidToken:
         return self.num_values > self.num_buckets
 
 
-def _check_settings(semantic_ids: SemanticIds, feature_names: Sequence[str], num_levels: int,
-                    ngram_orders: Sequence[int], prefix_lengths: Sequence[int], max_table_size: int,
-                    unknown_ids: str, ngram_groups: Sequence[int] = ()) -> None:
-    """Raises ValueError, naming the setting and the limit, on a configuration the artifact cannot serve."""
+def check_token_settings(owner: str, cardinalities: Sequence[int], feature_names: Sequence[str], num_levels: int,
+                         ngram_orders: Sequence[int], prefix_lengths: Sequence[int], max_table_size: int,
+                         unknown_ids: str, ngram_groups: Sequence[int] = ()) -> None:
+    """Raises ValueError, naming ``owner`` (the transform), the setting and the limit, on a token configuration a SID
+    table with per-level ``cardinalities`` cannot serve."""
     if not feature_names or len(set(feature_names)) != len(feature_names):
-        raise ValueError(f"SidFeatureTransform: feature_names must be non-empty and distinct, "
-                         f"got {list(feature_names)}")
-    if not 1 <= num_levels <= semantic_ids.num_levels:
-        raise ValueError(f"SidFeatureTransform: num_levels={num_levels} requested, the SemanticIds artifact has "
-                         f"{semantic_ids.num_levels} levels")
+        raise ValueError(f"{owner}: feature_names must be non-empty and distinct, got {list(feature_names)}")
+    if not cardinalities or any(k < 1 for k in cardinalities):
+        raise ValueError(f"{owner}: cardinalities must be >= 1, got {list(cardinalities)}")
+    if not 1 <= num_levels <= len(cardinalities):
+        raise ValueError(f"{owner}: num_levels={num_levels} requested, the SID table has {len(cardinalities)} levels")
     for setting, values in (("ngram_orders", ngram_orders), ("prefix_lengths", prefix_lengths),
                             ("ngram_groups", ngram_groups)):
         if len(set(values)) != len(values) or any(not 1 <= v <= num_levels for v in values):
-            raise ValueError(f"SidFeatureTransform: {setting} must be distinct and in [1, num_levels={num_levels}], "
+            raise ValueError(f"{owner}: {setting} must be distinct and in [1, num_levels={num_levels}], "
                              f"got {list(values)}")
     if not ngram_orders and not prefix_lengths and not ngram_groups:
-        raise ValueError("SidFeatureTransform: no tokens requested: ngram_orders, ngram_groups and prefix_lengths "
-                         "are all empty")
+        raise ValueError(f"{owner}: no tokens requested: ngram_orders, ngram_groups and prefix_lengths are all empty")
     if not 1 <= max_table_size <= MAX_TABLE_SIZE:
-        raise ValueError(f"SidFeatureTransform: max_table_size must be in [1, {MAX_TABLE_SIZE}], got {max_table_size}")
+        raise ValueError(f"{owner}: max_table_size must be in [1, {MAX_TABLE_SIZE}], got {max_table_size}")
     if unknown_ids not in ("raise", "oov"):
-        raise ValueError(f"SidFeatureTransform: unknown_ids must be 'raise' or 'oov', got {unknown_ids!r}")
+        raise ValueError(f"{owner}: unknown_ids must be 'raise' or 'oov', got {unknown_ids!r}")
 
 
 def sid_tokens(cardinalities: Sequence[int], ngram_orders: Sequence[int], prefix_lengths: Sequence[int],
@@ -395,8 +395,8 @@ class SidFeatureTransform(SidTableLayout, nn.Module):
     ) -> None:
         super().__init__()
         num_levels = semantic_ids.num_levels if num_levels is None else num_levels
-        _check_settings(semantic_ids, feature_names, num_levels, ngram_orders, prefix_lengths, max_table_size,
-                        unknown_ids, ngram_groups)
+        check_token_settings("SidFeatureTransform", semantic_ids.cardinalities, feature_names, num_levels,
+                             ngram_orders, prefix_lengths, max_table_size, unknown_ids, ngram_groups)
         cardinalities = semantic_ids.cardinalities[:num_levels]
         self.feature_names: list[str] = list(feature_names)
         self.name = name
