@@ -55,7 +55,7 @@ test: check
 
 bench: setup
 	$(BIN)/$(INSTALL:]'=,bench]') --quiet
-	for script in benchmarks/[a-z]*.py; do [ "$$script" = benchmarks/common.py ] || $(BIN)/python $$script || exit 1; done
+	PYTHON=$(BIN)/python bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV)

@@ -271,3 +271,60 @@ def stage(what: str) -> Iterator[None]:
     print(f"  {what} ...", end="", flush=True)
     yield
     print(f" {time.perf_counter() - start:.1f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- device
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def add_device_argument(parser: Any, note: str = "") -> None:
+    """Adds ``--device`` (``cpu`` default, or ``cuda``) to an ``argparse`` parser; ``note`` ends the help text (e.g.
+    which peer stays on the CPU)."""
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where data, models and timing run (default cpu); cuda synchronises the device before "
+                             "every clock reading" + (f"; {note}" if note else ""))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``; a clear error when ``cuda`` is asked for and no GPU is visible."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: no CUDA device is visible (torch {torch.__version__}, "
+                         f"torch.cuda.is_available() is False); use --device cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Waits for the device's queued work (nothing to wait for on the CPU): call before reading the clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synced(fn: Callable[[], Any], device: torch.device | str) -> Callable[[], Any]:
+    """``fn`` followed by :func:`synchronize`, for :func:`time_call` and other timers of device work."""
+    def call() -> Any:
+        result = fn()
+        synchronize(device)
+        return result
+
+    return call
+
+
+def distributed_backend(device: torch.device | str) -> str:
+    """The process-group backend for ``device``: nccl on cuda, gloo on the CPU (as ``torchrec_sid.train.loop``)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def device_facts(device: torch.device | str) -> dict[str, Any]:
+    """The device a benchmark ran on, for its result file: type, and the GPU's name and CUDA version on cuda."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"device": "cpu"}
+    return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+
+
+def result_name(name: str, device: torch.device | str) -> str:
+    """The result file stem of a run on ``device``: ``name``, or ``name_cuda`` on cuda (so a GPU machine's run
+    never overwrites the CPU results)."""
+    return name if torch.device(device).type == "cpu" else f"{name}_cuda"

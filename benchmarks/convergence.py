@@ -47,8 +47,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from common import (
     RESULTS_DIR,
+    add_device_argument,
+    device_facts,
     format_table,
     movielens_embeddings,
+    resolve_device,
+    result_name,
     set_threads,
     stage,
     synthetic_embeddings,
@@ -218,19 +222,22 @@ def main() -> None:
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic 100k catalogue")
     parser.add_argument("--synthetic-items", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=2)
+    add_device_argument(parser, "RQ-KMeans and RQ-GMM have no GPU path: on cuda they still fit on the CPU, and the "
+                                "results go to convergence*_cuda[_quick].json / .png")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     if args.quick:
         args.iters, args.seeds, args.no_synthetic = 5, 1, True
     threads = set_threads(args.threads)
     started = time.perf_counter()
-    suffix = "_quick" if args.quick else ""
+    suffix = result_name("", device) + ("_quick" if args.quick else "")  # *_quick.* files are git-ignored
     datasets = []
     x = movielens_embeddings()
     specs = [("movielens-100k", x, 3, 64, list(range(args.seeds)), RESULTS_DIR / f"convergence{suffix}.png")]
     if not args.no_synthetic:
         xs, _ = synthetic_embeddings(args.synthetic_items)
         specs.append((f"synthetic-{args.synthetic_items // 1000}k", xs, 3, 256, [0],
-                      RESULTS_DIR / "convergence_synthetic.png"))
+                      RESULTS_DIR / f"convergence_synthetic{suffix}.png"))
     for name, data, levels, k, seeds, png in specs:
         print(f"\n{name}: N={len(data)}, D={data.shape[1]}, L={levels}, K={k}, {args.iters} iterations, seeds {seeds}")
         methods = fit_all(data, levels, k, args.iters, seeds)
@@ -244,7 +251,8 @@ def main() -> None:
     for d in datasets:
         print_summary(f"{d['dataset']}: L={d['levels']}, K={d['codebook_size']}, mean over seeds {d['seeds']}",
                       d["summary"])
-    path = write_json(f"convergence{suffix}", {"settings": {**vars(args), "threads_set": threads},
+    path = write_json(f"convergence{suffix}", {"settings": {**vars(args), "threads_set": threads,
+                                                            **device_facts(device), "computed_on": "cpu"},
                                                "wall_s": time.perf_counter() - started, "datasets": datasets})
     print(f"\nwrote {path} and {', '.join(str(d['png']) for d in datasets)} ({time.perf_counter() - started:.0f} s)")
 

@@ -55,7 +55,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import format_table, set_threads, stage, time_call, write_json
+from common import (
+    add_device_argument,
+    device_facts,
+    format_table,
+    resolve_device,
+    result_name,
+    set_threads,
+    stage,
+    time_call,
+    write_json,
+)
 from torch import Tensor
 
 from torchrec_sid.quantizers import MMQ, RQVAE
@@ -171,7 +181,7 @@ def summarise(dataset: str, method: str, runs: list[dict[str, Any]], num_items: 
     return row
 
 
-def orthogonality_sweep(epochs: int, threads: dict[str, Any]) -> None:
+def orthogonality_sweep(epochs: int, threads: dict[str, Any], device: torch.device) -> None:
     """The ``--orthogonality`` table (module docstring)."""
     data = movielens_modalities()
     rows = []
@@ -190,7 +200,9 @@ def orthogonality_sweep(epochs: int, threads: dict[str, Any]) -> None:
                        title=f"MMQ orthogonality on MovieLens ({epochs} epochs, seed 0, {threads['torch']} torch "
                              f"thread(s)): "
                              f"within-group |cos| of the experts' centred outputs"))
-    print(f"\nwrote {write_json('mmq_orthogonality', {'epochs': epochs, 'threads': threads, 'rows': rows})}")
+    path = write_json(result_name('mmq_orthogonality', device), {'epochs': epochs, 'threads': threads, 'rows': rows,
+                                                       'device': {**device_facts(device), 'computed_on': 'cpu'}})
+    print(f"\nwrote {path}")
 
 
 def main() -> None:
@@ -201,10 +213,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per method on MovieLens-100k")
     parser.add_argument("--synthetic-items", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    add_device_argument(parser, "the MMQ and RQ-VAE quantizers have no GPU path: on cuda they still train and "
+                                "encode on the CPU, and the results go to <name>_cuda.json")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     threads = set_threads(args.threads)
     if args.orthogonality:
-        orthogonality_sweep(args.epochs, threads)
+        orthogonality_sweep(args.epochs, threads, device)
         return
     common = {"hidden_dim": 256}
     datasets = {  # name -> (data, training settings, seeds)
@@ -216,7 +231,8 @@ def main() -> None:
         datasets = {"movielens": (movielens_modalities, {"max_epochs": 2, "patience": 2, "batch_size": 256}, 1),
                     "synthetic": (lambda: synthetic_modalities(2_000),
                                   {"max_epochs": 2, "patience": 2, "batch_size": 256}, 1)}
-    results: dict[str, Any] = {"threads": threads, "codebook_size": CODEBOOK_SIZE, "datasets": {}, "rows": []}
+    results: dict[str, Any] = {"threads": threads, "device": {**device_facts(device), "computed_on": "cpu"},
+                               "codebook_size": CODEBOOK_SIZE, "datasets": {}, "rows": []}
     for dataset, (load, training, seeds) in datasets.items():
         print(f"{dataset}:")
         data = load()
@@ -252,7 +268,7 @@ def main() -> None:
         ("encode_items_per_s", "encode items/s", ",.0f")],
         title=f"Codes, expert orthogonality and speed (K = {CODEBOOK_SIZE}, entropy in nats, ln K = "
               f"{math.log(CODEBOOK_SIZE):.3f}; {args.threads} thread(s))"))
-    path = write_json("mmq_stage1" + ("_quick" if args.quick else ""), results)
+    path = write_json(result_name("mmq_stage1", device) + ("_quick" if args.quick else ""), results)
     print(f"\nwrote {path}")
 
 

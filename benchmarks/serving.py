@@ -12,6 +12,10 @@ Bounded: each cell stops issuing requests after ``--seconds`` or ``--requests`` 
 the ones in flight; the whole run takes about 5 minutes on 2 shared cores. Server: one process, 2 torch threads,
 one model call at a time (``--max-concurrent 1``), so concurrency shows as queueing.
 
+``--device cuda``: ``torchrec-sid serve`` and the exported programs have no GPU path (the artifact runs where it was
+exported, on the CPU), so the rankers are exported and served on the CPU either way; a cuda run only writes its
+results to ``serving_cuda[_quick].json``, so that a GPU machine's run keeps the CPU results.
+
     .venv/bin/python benchmarks/serving.py            # table + benchmarks/results/serving.json
 """
 
@@ -32,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import add_device_argument, device_facts, resolve_device
 
 from torchrec_sid.models.configs import FeatureSchema, ModelConfig, SidTokenConfig
 from torchrec_sid.models.dlrm import SidDLRM
@@ -227,11 +232,16 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=32, help="distinct users per history length (default 32)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 s cells, 4 users, L = 200 and 2,000")
+    add_device_argument(parser, "torchrec-sid serve has no GPU path: the rankers are served on the CPU either way, "
+                                "a cuda run writes serving_cuda[_quick].json")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     global LENGTHS
+    if device.type == "cuda":
+        args.out = args.out.with_stem(args.out.stem + "_cuda")
     if args.quick:
         args.seconds, args.users, LENGTHS = 1.0, 4, (200, 2000)
-        args.out = args.out.with_name("serving_quick.json")
+        args.out = args.out.with_stem(args.out.stem + "_quick")
     started = time.perf_counter()
     torch.set_num_threads(2)
     rows: list[dict[str, Any]] = []
@@ -278,6 +288,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with 3 other engineers' jobs (timings are "
                    f"noisy and pessimistic)",
         "torch": torch.__version__,
+        **device_facts(device), "computed_on": "cpu",
         "setup": {"num_items": NUM_ITEMS, "embedding_dim": DIM, "max_history": MAX_HISTORY, "candidates": CANDIDATES,
                   "item_representation": ["id", "sid"], "users_per_length": args.users,
                   "cell_seconds": args.seconds, "server": "torchrec-sid serve, 2 torch threads, --max-concurrent 1",

@@ -46,7 +46,17 @@ import time
 from typing import Any
 
 import torch
-from common import format_table, set_threads, stage, time_call, write_json
+from common import (
+    add_device_argument,
+    device_facts,
+    format_table,
+    resolve_device,
+    result_name,
+    set_threads,
+    stage,
+    time_call,
+    write_json,
+)
 from torch import Tensor
 
 from torchrec_sid.quantizers import DPCA, FSQ, RQVAE
@@ -176,7 +186,7 @@ DPCA_SETTINGS = {  # name -> DPCA settings of the --dpca table
 }
 
 
-def dpca_table(epochs: int, threads: dict[str, Any]) -> None:
+def dpca_table(epochs: int, threads: dict[str, Any], device: torch.device) -> None:
     """The ``--dpca`` table (module docstring)."""
     from torchrec_sid.quantizers.metrics import utilization
 
@@ -195,7 +205,9 @@ def dpca_table(epochs: int, threads: dict[str, Any]) -> None:
                               ("recall@20", "digit R@20", ".4f")],
                        title=f"DPCA settings on MovieLens text ({len(text):,} items, {epochs} epochs, seed 0, "
                              f"{threads['torch']} torch thread(s))"))
-    print(f"\nwrote {write_json('dpca_settings', {'epochs': epochs, 'threads': threads, 'rows': rows})}")
+    path = write_json(result_name('dpca_settings', device), {'epochs': epochs, 'threads': threads, 'rows': rows,
+                                                       'device': {**device_facts(device), 'computed_on': 'cpu'}})
+    print(f"\nwrote {path}")
 
 
 def main() -> None:
@@ -206,10 +218,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per fit on MovieLens-100k")
     parser.add_argument("--synthetic-items", type=int, default=20_000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    add_device_argument(parser, "the RQ-VAE, DPCA and FSQ quantizers have no GPU path: on cuda they still train and "
+                                "encode on the CPU, and the results go to <name>_cuda.json")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     threads = set_threads(args.threads)
     if args.dpca:
-        dpca_table(args.epochs, threads)
+        dpca_table(args.epochs, threads, device)
         return
     datasets = {  # name -> (training settings, seeds)
         "movielens": ({"max_epochs": 150, "patience": 15, "batch_size": 128}, args.seeds),
@@ -219,7 +234,8 @@ def main() -> None:
     if args.quick:
         datasets = {name: ({"max_epochs": 2, "patience": 2, "batch_size": 256}, 1) for name in datasets}
         synthetic_items = 2_000
-    results: dict[str, Any] = {"threads": threads, "synthetic_items": synthetic_items, "runs": {}, "table1": [],
+    results: dict[str, Any] = {"threads": threads, "device": {**device_facts(device), "computed_on": "cpu"},
+                               "synthetic_items": synthetic_items, "runs": {}, "table1": [],
                                "table2": [], "timing": []}
     for dataset, (training, seeds) in datasets.items():
         print(f"{dataset}:")
@@ -251,7 +267,7 @@ def main() -> None:
         ("data", "data", None), ("method", "method", None), ("fit", "fit on", None), ("epochs", "epochs", ".0f"),
         ("s_per_epoch", "s/epoch", ".3f"), ("encode", "encode items/s", ",.0f"),
         ("utilization", "utilisation", ".3f")], title=f"Training and encoding at {args.threads} thread(s)"))
-    path = write_json("side_tables" + ("_quick" if args.quick else ""), results)
+    path = write_json(result_name("side_tables", device) + ("_quick" if args.quick else ""), results)
     print(f"\nwrote {path}")
 
 

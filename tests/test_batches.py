@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from torchrec_sid.data.batches import (
     USER_ID,
     CtrBatches,
     Histories,
+    columns_to_kjt,
 )
 
 
@@ -120,3 +122,20 @@ def test_long_tail_split_holds_the_least_trained_test_items(data) -> None:
     assert counts[tail.items].max() < counts[np.setdiff1d(test.items, tail.items)].min()
     with pytest.raises(ValueError, match="fraction"):
         data.with_long_tail(1.0)
+
+
+def test_int32_index_dtype_gives_the_int64_values_and_checks_they_fit(data) -> None:
+    wide = next(iter(CtrBatches(data, "train", batch_size=5))).sparse_features
+    narrow = next(iter(CtrBatches(data, "train", batch_size=5, index_dtype=torch.int32))).sparse_features
+    assert wide.values().dtype == torch.int64 and narrow.values().dtype == narrow.lengths().dtype == torch.int32
+    assert narrow.keys() == wide.keys() and torch.equal(narrow.values().long(), wide.values())
+    assert torch.equal(narrow.lengths(), wide.lengths())
+    h = data.histories
+    late = dataclasses.replace(data, histories=Histories(h.offsets, h.items, h.timestamps + 2**31))
+    with pytest.raises(ValueError, match=r"feature 'history_timestamps' has values in \[\d+, \d+\], outside int32 "
+                                         r"\[-2147483648, 2147483647\]; use index_dtype=torch.int64"):
+        CtrBatches(late, "train", batch_size=5, index_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"feature 'item_id__code0' has values in \[-1, 2147483648\]"):
+        columns_to_kjt([("item_id__code0", np.array([-1, 2**31]), np.array([2]))], torch.int32)
+    with pytest.raises(ValueError, match="index_dtype must be torch.int64 or torch.int32, got torch.int16"):
+        CtrBatches(data, "train", batch_size=5, index_dtype=torch.int16)

@@ -4,6 +4,7 @@ from dataclasses import astuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchrec.fx import symbolic_trace
 
 from torchrec_sid.modules import (
@@ -14,9 +15,10 @@ from torchrec_sid.modules import (
     MultiClusterQuantizer,
     TemperatureSchedule,
     UserHistory,
+    dmqn,
     padding_mask,
 )
-from torchrec_sid.modules.dmqn import gumbel_straight_through
+from torchrec_sid.modules.dmqn import Clusters, first_argmax, gumbel_straight_through
 
 D, N, W = 8, 2, 4
 LENGTHS = [0, 1, 7]
@@ -102,6 +104,42 @@ def test_annealed_noise_brings_training_assignments_to_inference() -> None:
         TemperatureSchedule(noise_final=2.0)
 
 
+def one_hot_clusters(mcqm: MultiClusterQuantizer, history: torch.Tensor, mask: torch.Tensor,
+                     timestamps: torch.Tensor) -> Clusters:
+    """The eval clusters as the training path pools them, with the argmax of :meth:`logits` as the assignment."""
+    history = torch.where(mask[..., None], history, 0.0)
+    assignment = F.one_hot(mcqm.logits(history).argmax(-1), W).to(history.dtype)
+    assignment = (assignment * mask[..., None, None]).flatten(2)  # [B, L, M]
+    counts = assignment.sum(dim=1)
+    times = torch.where(mask, timestamps, 0).double()
+    mean_times = (assignment.double().transpose(1, 2) @ times[..., None]).squeeze(-1) / counts.double().clamp(min=1)
+    return Clusters(assignment.transpose(1, 2) @ history / counts.clamp(min=1)[..., None], counts, mean_times)
+
+
+@pytest.mark.parametrize(("chunk_events", "compiling"), [(5, False), (4096, False), (5, True)])
+def test_eval_pooling_equals_the_one_hot_assignment(chunk_events: int, compiling: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 5 events cross users (L = 7) and masked events; an exported trace pools in one step."""
+    monkeypatch.setattr(dmqn, "EVAL_CHUNK_EVENTS", chunk_events)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    mcqm, inputs = _model().quantizer.eval(), _inputs([0, 3, 7, 6])
+    got = mcqm(inputs["history"], inputs["mask"], inputs["history_timestamps"])
+    expected = one_hot_clusters(mcqm, inputs["history"], inputs["mask"], inputs["history_timestamps"])
+    assert torch.equal(got.counts, expected.counts) and got.counts.sum(dim=1).tolist() == [0, 3 * N, 7 * N, 6 * N]
+    torch.testing.assert_close(got.embeddings, expected.embeddings)
+    torch.testing.assert_close(got.timestamps, expected.timestamps)
+
+
+def test_first_argmax_is_argmax_with_ties_and_stays_in_range_on_non_finite_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (4, 6, 50), generator=g).float()  # many ties: the first maximum wins
+    assert torch.equal(first_argmax(scores, dim=1), scores.argmax(dim=1))
+    assert torch.equal(first_argmax(scores, dim=-1), scores.argmax(dim=-1))
+    scores[0, 2, 0], scores[0, :, 1], scores[0, 3, 2] = float("nan"), float("-inf"), float("inf")
+    codes = first_argmax(scores, dim=1)[0, :3]  # a NaN, all -inf, an inf maximum
+    assert ((codes >= 0) & (codes < 6)).all() and codes[2] == 3
+
+
 def test_training_advances_the_schedule_and_assigns_one_hot() -> None:
     model, inputs = _model(), _inputs()
     model.eval()(**inputs)
@@ -115,8 +153,9 @@ def test_training_advances_the_schedule_and_assigns_one_hot() -> None:
 def test_gradients_reach_the_codebooks() -> None:
     model, inputs = _model().train(), _inputs()
     model(**inputs).sum().backward()
-    quantizer = model.quantizer
-    assert quantizer.codebooks.grad.abs().sum() > 0 and quantizer.projections.grad.abs().sum() > 0
+    codebooks, projections = model.quantizer.codebooks.grad, model.quantizer.projections.grad
+    assert codebooks is not None and projections is not None
+    assert codebooks.abs().sum() > 0 and projections.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters())
 
 

@@ -100,8 +100,8 @@ def test_id_buckets_hash_the_item_ids_into_that_many_rows() -> None:
     assert isinstance(transform, SidFeatureTransform)
     buckets = transform.item_tokens.flatten()
     assert buckets.min() >= 0 and buckets.max() < 125 and len(buckets.unique()) > 110  # spread, not i % 125
-    with pytest.raises(ValueError, match="id_buckets .* without sid"):
-        ModelConfig(item_representation=("id", "sid"), id_buckets=10)
+    with pytest.raises(ValueError, match="without id_dropout"):
+        ModelConfig(id_buckets=10, id_dropout=0.1)
     with pytest.raises(ValueError, match="id_buckets"):
         ModelConfig(id_buckets=0)
 

@@ -1,5 +1,5 @@
 """The quantize job reports the collapse metrics in the artifact and TensorBoard, and fits a float32 memory map in
-place (no copy of the catalogue)."""
+place (no copy of the catalogue), releasing its pages during scattered reads."""
 
 from pathlib import Path
 
@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from torchrec_sid._dist import shard_layout
 from torchrec_sid.jobs import quantize
 from torchrec_sid.jobs.quantize import QuantizeConfig, run
+from torchrec_sid.quantizers import base
+from torchrec_sid.quantizers.base import gather_global_rows
 from torchrec_sid.sid import SemanticIds
 
 COLLAPSE_KEYS = ("perplexity", "perplexity_ratio", "max_code_share", "share_in_codes_over_1pct",
@@ -59,3 +62,22 @@ def test_a_float32_memory_map_is_fitted_in_place(items):
     assert torch.equal(rows, torch.from_numpy(np.load(items)[100:200]))
     quantize._release_pages(source)  # drops resident pages; the data reads back unchanged
     assert torch.equal(rows, torch.from_numpy(np.load(items)[100:200]))
+
+
+def test_scattered_reads_of_a_memory_map_release_its_pages_while_fitting(items, monkeypatch):
+    # a k-means++ sample spread over the file maps all of it within one period of the release thread (issue 13's
+    # peak): the fit's scattered reads release the map after each chunk themselves
+    monkeypatch.setattr(base, "SCATTERED_READ_ROWS", 64)
+    monkeypatch.setattr(quantize, "PAGE_RELEASE_S", 3600.0)  # the periodic thread stays out of the count
+    source = {"text": np.load(items, mmap_mode="r")}
+    released: list[np.ndarray] = []
+    monkeypatch.setattr(quantize, "release_pages", released.append)
+    x = quantize._fit_rows(source, slice(0, 300))
+    index = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:200]
+    with quantize._pages_released(source):
+        before = len(released)
+        rows = gather_global_rows(x, index, shard_layout(*x.shape))
+        assert len(released) - before == 4 and released[-1] is source["text"]  # 200 rows in chunks of 64
+    assert torch.equal(rows, torch.from_numpy(np.load(items))[index])
+    gather_global_rows(x, index, shard_layout(*x.shape))
+    assert len(released) == before + 4 + 1  # + the release on leaving the block; none after it

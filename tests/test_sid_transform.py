@@ -11,6 +11,14 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_sid.modules import SidFeatureTransform, hash_packed_ids
+from torchrec_sid.modules.sid_transform import (
+    _check_offsets_fit,
+    _item_ids,
+    append_sid_tokens,
+    gather_token_rows,
+    sid_tokens,
+    token_plan,
+)
 from torchrec_sid.sid import SemanticIds
 
 # 5 items, 3 levels with cardinalities [4, 4, 8]; items 0 and 4 share the prefix (0, 1)
@@ -106,10 +114,79 @@ def test_weights_are_carried_to_derived_tokens() -> None:
     assert transform()(batch()).weights_or_none() is None
 
 
-def test_int32_values_stay_int32() -> None:
-    out = transform()(batch(dtype=torch.int32))
-    assert out.values().dtype == torch.int32
-    assert out["item_id__sid_l2"].values().tolist() == [3, 5, 6]
+INT32_CASES = {"per_level_prefix": {}, "groups": {"ngram_groups": [2]}, "oov": {"unknown_ids": "oov"},
+               "hashed_ngrams": {"ngram_orders": [2], "prefix_lengths": [3], "max_table_size": 64},
+               "distinct": {"distinct_features": ["history_item_ids"]}}
+
+
+@pytest.mark.parametrize("case", [*INT32_CASES, "spm"])
+def test_int32_ids_and_lengths_give_int32_tokens_equal_to_the_int64_ones(case: str) -> None:
+    if case == "spm":
+        sids, pieces = spm_sids()
+        t = SidFeatureTransform(sids, ITEM_FEATURES, ngram_orders=[1], spm=pieces)
+    else:
+        t = transform(**INT32_CASES[case])
+    items = [3, 9, 1, -1, 0, 4, 3] if case == "oov" else [3, 0, 1, 2, 0, 4, 3]  # 9, -1: unknown
+
+    def features(dtype: torch.dtype) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor.from_lengths_sync(keys=ITEM_FEATURES, values=torch.tensor(items, dtype=dtype),
+                                                   lengths=torch.tensor([1, 1, 2, 3], dtype=dtype))
+
+    wide, narrow = t(features(torch.int64)), t(features(torch.int32))
+    assert narrow.values().dtype == narrow.lengths().dtype == narrow.offsets().dtype == torch.int32
+    assert narrow.keys() == wide.keys() and len(wide.keys()) > len(ITEM_FEATURES)
+    assert torch.equal(narrow.values().long(), wide.values()) and torch.equal(narrow.lengths().long(), wide.lengths())
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=t.embedding_bag_configs(4))
+    torch.testing.assert_close(ebc(narrow).values(), ebc(wide).values())
+
+
+def test_int32_overflow_raises_naming_the_feature_and_the_limit() -> None:
+    ids = torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"feature 'history_item_ids' has int32 item ids, but its largest row, "
+                                         r"2147483648 \(2147483648 items \+ the OOV row\), exceeds the int32 limit "
+                                         r"2147483647; pass int64 ids"):
+        _item_ids(ids, "history_item_ids", 2**31, oov=True)
+    assert _item_ids(ids, "history_item_ids", 2**31, oov=False).tolist() == [1]  # largest row 2^31 - 1 fits
+    with pytest.raises(ValueError, match=r"tokens of feature 'history_item_ids' the output holds 2147483648 values, "
+                                         r"past the int32 offsets limit 2147483647"):
+        _check_offsets_fit(torch.int32, 2**31, "history_item_ids", "tokens")
+    _check_offsets_fit(torch.int64, 2**31, "history_item_ids", "tokens")  # int64 offsets hold it
+
+
+def test_gather_token_rows_fills_each_row_for_int64_and_int32_ids() -> None:
+    item_tokens = torch.tensor([[5, 6, 7], [0, 1, 2]], dtype=torch.int32)
+    for dtype in (torch.int64, torch.int32):  # int64: through the int32 scratch; int32: straight into the output
+        out = torch.full((2, 4), -1, dtype=dtype)
+        gather_token_rows(out, item_tokens, torch.tensor([2, 0, 0, 1], dtype=dtype))
+        assert out.tolist() == [[7, 5, 5, 6], [2, 0, 0, 1]]
+
+
+def test_token_plan_computes_contained_exact_tokens_from_one_gathered_row() -> None:
+    sixty_four = [64, 64, 64]
+    assert token_plan(sid_tokens(sixty_four, [], [1, 2, 3], 2**20), sixty_four, oov=False) == [
+        [2, 2, 0, 64], [2, 2, 0, 4096], [-1, 0, 0, 0]]  # prefix1 = prefix3 & 63, prefix2 = prefix3 & 4095
+    assert token_plan(sid_tokens(sixty_four, [1], [3], 2**20), sixty_four, oov=False)[1] == [3, 3, 6, 64]
+    assert token_plan(sid_tokens([3, 5, 7], [1], [3], 2**20), [3, 5, 7], oov=False) == [
+        [3, 4, 0, 3], [-1, 0, 0, 0], [-1, 0, 0, 0], [-1, 0, 0, 0]]  # l1, l2 would need a division: gathered
+    assert all(step[0] == -1 for step in token_plan(sid_tokens(sixty_four, [1], [3], 2**20), sixty_four, oov=True))
+
+
+@pytest.mark.parametrize(("cardinalities", "max_table_size"), [([64, 64, 64], 2**20), ([3, 5, 7], 2**20),
+                                                               ([4, 4, 8], 64)])
+def test_planned_tokens_equal_gathered_ones(cardinalities: list[int], max_table_size: int) -> None:
+    """Masks, shifts and remainders of a gathered token give every other token's ids, hashed tokens included."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.stack([torch.randint(0, k, (40,), generator=g) for k in cardinalities], dim=1)
+    t = SidFeatureTransform(SemanticIds(codes, cardinalities, "test", {}), ITEM_FEATURES, ngram_orders=[1, 2],
+                            prefix_lengths=[2, 3], ngram_groups=[2], max_table_size=max_table_size)
+    assert any(step[0] >= 0 for step in t.token_plan)
+    for dtype in (torch.long, torch.int32):
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=ITEM_FEATURES, values=torch.randint(0, 40, (30,), generator=g, dtype=dtype),
+            lengths=torch.tensor([1, 1, 1, 12, 0, 15]))
+        gathered = append_sid_tokens(features, t.item_tokens, t.feature_names, t.token_features, t.oov, distinct=[])
+        assert torch.equal(t(features).values(), gathered.values()) and t(features).values().dtype == dtype
 
 
 def test_configs_build_tables_for_the_derived_features() -> None:

@@ -361,6 +361,7 @@ def test_corrupt_checkpoint_is_refused(straight: dict, tmp_path: Path) -> None:
         ({"batch_size": 0}, "config: batch_size = 0: must be >= 1"),
         ({"eval_splits": ["test", "holdout"]}, r"unknown split\(s\) \['holdout'\]"),
         ({"model": {"history_block": "din", "history_options": {"top_k": 3}}}, "history_options for 'din'"),
+        ({"index_dtype": "int16"}, "train.index_dtype must be one of"),
     ],
 )
 def test_bad_config_fails_naming_the_field(fields: dict, message: str, setup: dict) -> None:
@@ -385,3 +386,19 @@ def test_artifact_for_another_catalogue_fails_before_training(setup: dict, tmp_p
                          model=ModelConfig(item_representation=("sid",)))
     with pytest.raises(ValueError, match="train.semantic_ids has 5 items, the data has 8"):
         build_model(config, *load_data(config))
+
+
+def test_int32_batches_score_as_the_int64_ones(setup: dict, tmp_path: Path) -> None:
+    """``index_dtype: int32`` halves the batches' id bytes; the SID transform keeps int32 and the model's scores are
+    the int64 batches' (the sharded tables read int32 indices in benchmarks/sid_modules.py)."""
+    config = TrainConfig.from_dict(_raw(setup, tmp_path / "int32", index_dtype="int32"))
+    data, signals = load_data(config)
+    torch.manual_seed(0)
+    model = build_model(config, data, signals).eval()
+    batches = {dtype: CtrBatches(data, "train", 32, max_history=config.model.max_history, index_dtype=dtype)
+               for dtype in (torch.int64, config.torch_index_dtype())}
+    narrow, wide = next(iter(batches[torch.int32])), next(iter(batches[torch.int64]))
+    assert narrow.sparse_features.values().dtype == torch.int32
+    with torch.no_grad():
+        assert torch.equal(model(narrow.dense_features, narrow.sparse_features),
+                           model(wide.dense_features, wide.sparse_features))

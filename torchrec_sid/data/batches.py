@@ -24,6 +24,10 @@ each item's SID code per level: ``<feature>__code<l>`` with the feature's length
 does not hold), looked up from a :class:`~torchrec_sid.sid.versions.SidTable` or the newest version of a
 :class:`~torchrec_sid.sid.versions.SidStore` at every batch, so items published after the model was built get their
 SIDs in the next batch (:class:`~torchrec_sid.modules.sid_codes.SidCodeTransform` reads them).
+
+Sparse values are int64 by default; ``CtrBatches(index_dtype=torch.int32)`` emits int32 values (lengths are always
+int32) when the catalogue and the timestamps fit int32, which TorchRec's EBC / EC, fbgemm's TBE and
+:class:`~torchrec_sid.modules.SidFeatureTransform` take as they are: half the bytes per id and per SID token.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ TIMESTAMP = "timestamp"
 CODE_SOURCES = (ITEM_ID, HISTORY_ITEM_IDS)  # the item features whose SID codes a batch carries with ``sid_codes``
 
 Column = tuple[str, np.ndarray, np.ndarray]  # (key, values [n], lengths [B]) of one KJT feature
+INDEX_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}  # sparse value dtypes a batch can carry
+INT32 = np.iinfo(np.int32)
 
 
 def code_columns(columns: list[Column], sid_codes: CodeSource, sources: tuple[str, ...] = CODE_SOURCES,
@@ -67,13 +73,37 @@ def code_columns(columns: list[Column], sid_codes: CodeSource, sources: tuple[st
     return out
 
 
-def columns_to_kjt(columns: list[Column]) -> KeyedJaggedTensor:
-    """One KJT of ``columns`` in order (int64 values, int32 lengths)."""
+def check_int32_range(feature: str, low: int, high: int) -> None:
+    """Raises ValueError naming ``feature`` when its values ``[low, high]`` do not fit int32."""
+    if low < INT32.min or high > INT32.max:
+        raise ValueError(f"index_dtype=torch.int32: feature {feature!r} has values in [{low}, {high}], outside "
+                         f"int32 [{INT32.min}, {INT32.max}]; use index_dtype=torch.int64")
+
+
+def columns_to_kjt(columns: list[Column], index_dtype: torch.dtype = torch.int64) -> KeyedJaggedTensor:
+    """One KJT of ``columns`` in order (values of ``index_dtype``, int64 or int32: every column checked to fit;
+    int32 lengths)."""
+    if index_dtype not in INDEX_DTYPES:
+        raise ValueError(f"index_dtype must be torch.int64 or torch.int32, got {index_dtype}")
+    if index_dtype == torch.int32:
+        for key, values, _ in columns:
+            if len(values):
+                check_int32_range(key, int(values.min()), int(values.max()))
     return KeyedJaggedTensor.from_lengths_sync(
         keys=[k for k, _, _ in columns],
-        values=torch.from_numpy(np.concatenate([v for _, v, _ in columns]).astype(np.int64)),
+        values=torch.from_numpy(np.concatenate([v for _, v, _ in columns]).astype(INDEX_DTYPES[index_dtype])),
         lengths=torch.from_numpy(np.concatenate([ln for _, _, ln in columns]).astype(np.int32)),
     )
+
+
+def check_catalog_fits_int32(data: InteractionData, samples: Samples) -> None:
+    """Raises ValueError naming the feature whose ids (``[0, cardinality)``) or timestamps (of ``data``'s histories
+    and of ``samples``) do not fit int32."""
+    for feature, cardinality in data.catalog.sparse_cardinalities().items():
+        check_int32_range(feature, 0, cardinality - 1)
+    for feature, stamps in ((HISTORY_TIMESTAMPS, data.histories.timestamps), (TIMESTAMP, samples.timestamps)):
+        if len(stamps):
+            check_int32_range(feature, int(stamps.min()), int(stamps.max()))
 
 
 @dataclass(frozen=True)
@@ -253,6 +283,9 @@ class CtrBatches(torch.utils.data.IterableDataset):
         sid_codes: add the SID code features of the candidate and history items (module docstring), looked up at
             every batch (a :class:`~torchrec_sid.sid.versions.SidStore` serves its newest version).
         code_levels: code levels carried (None: all of the source's).
+        index_dtype: dtype of the sparse values: ``torch.int64``, or ``torch.int32`` (half the bytes, taken as they
+            are by TorchRec's EBC / EC and :class:`~torchrec_sid.modules.SidFeatureTransform`), checked here to fit
+            the catalogue's ids and the timestamps, and every batch's values.
 
     Example::
 
@@ -275,6 +308,7 @@ class CtrBatches(torch.utils.data.IterableDataset):
         drop_last: bool = False,
         sid_codes: CodeSource | None = None,
         code_levels: int | None = None,
+        index_dtype: torch.dtype = torch.int64,
     ) -> None:
         super().__init__()
         if split not in data.splits:
@@ -285,6 +319,10 @@ class CtrBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"max_history must be >= 0 or None, got {max_history}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if index_dtype not in INDEX_DTYPES:
+            raise ValueError(f"index_dtype must be torch.int64 or torch.int32, got {index_dtype}")
+        if index_dtype == torch.int32:
+            check_catalog_fits_int32(data, data.splits[split])
         self.data = data
         self.samples = data.splits[split]
         self.batch_size = batch_size
@@ -296,6 +334,7 @@ class CtrBatches(torch.utils.data.IterableDataset):
         self.drop_last = drop_last or world_size > 1
         self.sid_codes = sid_codes
         self.code_levels = code_levels
+        self.index_dtype = index_dtype
         self.epoch = 0
         self.start_batch = 0
         self._genre_offsets, self._genre_values = self._genres_csr(data.catalog.item_genres)
@@ -348,7 +387,7 @@ class CtrBatches(torch.utils.data.IterableDataset):
         ]
         if self.sid_codes is not None:
             features += code_columns(features, self.sid_codes, num_levels=self.code_levels)
-        sparse = columns_to_kjt(features)
+        sparse = columns_to_kjt(features, self.index_dtype)
         dense = np.concatenate(
             [cat.dense_user[s.users], cat.dense_item[s.items], np.log1p(hist_len)[:, None] / 5.0], axis=1
         )

@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchrec_sid._dist import is_distributed
 from torchrec_sid.io import check_recorded_sha256, published_together, sha256_file
 from torchrec_sid.jobs.scale import release_pages
-from torchrec_sid.quantizers.base import Quantizer, build_quantizer
+from torchrec_sid.quantizers.base import Quantizer, build_quantizer, releasing_pages
 from torchrec_sid.quantizers.metrics import code_balance, collisions, quality_report, utilization
 from torchrec_sid.sid import SemanticIds
 from torchrec_sid.sid.semantic_ids import quantizer_path
@@ -224,8 +224,10 @@ PAGE_RELEASE_S = 0.02  # how often a fit on a memory map drops the map's residen
 def _pages_released(source: dict[str, np.ndarray]) -> Iterator[None]:
     """Drops the resident pages of memory-mapped signals every :data:`PAGE_RELEASE_S` seconds while the block
     runs (a fit reads the whole map at every iteration; without this its pages would count as one more copy of the
-    input in the peak memory). Reading a released page maps it back from the page cache, without disk I/O when
-    memory is available; the data is read-only, so nothing is lost."""
+    input in the peak memory), and after each chunk of a scattered read by index
+    (:func:`~torchrec_sid.quantizers.base.releasing_pages`: a k-means++ seeding sample spread over the file would
+    otherwise map all of it within one release period). Reading a released page maps it back from the page cache,
+    without disk I/O when memory is available; the data is read-only, so nothing is lost."""
     if not any(getattr(a, "_mmap", None) is not None for a in source.values()):
         yield
         return
@@ -239,7 +241,8 @@ def _pages_released(source: dict[str, np.ndarray]) -> Iterator[None]:
     thread = threading.Thread(target=loop, name="release-pages", daemon=True)
     thread.start()
     try:
-        yield
+        with releasing_pages(lambda: _release_pages(source)):  # scattered reads (seeding samples) release too
+            yield
     finally:
         stop.set()
         thread.join()

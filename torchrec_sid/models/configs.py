@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 ITEM_REPRESENTATIONS = ("id", "sid", "side", "soft_sid")
 HISTORY_BLOCKS = ("none", "pooling", "pma", "din", "sim", "dmqn")
+HISTORY_PADDINGS = ("batch", "max")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,14 @@ class SidTokenConfig:
     ``row_budget``: rows of all the token tables together (the equal-memory setting): a table whose vocabulary fits
     keeps it exactly, the larger ones share the rest equally, each hashed into its share (this sets the largest table
     size, ``max_table_size`` is then unused). None: every table holds up to ``max_table_size`` rows.
+    ``spm_vocab_size``: one more token table, SentencePiece pieces of the SIDs (Singh et al.'s SPM-SID,
+    :func:`~torchrec_sid.sid.pieces.fit_sid_sentencepiece`, fitted on the items' first ``num_levels`` levels when the
+    model is built, seeded): a variable number of pieces per item, summed into its vector. It asks SentencePiece for
+    this many pieces (at least the distinct (level, code) symbols + 1, checked at the fit); the table has the pieces
+    SentencePiece returns (+ the OOV row), counted in ``row_budget`` before the other tables share the rest. None:
+    no pieces. ``spm_model_type``: ``bpe`` (default) or ``unigram``; on 200,000 near-uniform 3 x 256 SIDs the
+    unigram trainer stops at the 768 single codes + 1 whatever ``spm_vocab_size`` asks, BPE fills it.
+    ``spm_seed``: the seed of the SentencePiece corpus order.
     """
 
     ngram_orders: tuple[int, ...] = (1,)
@@ -30,6 +39,21 @@ class SidTokenConfig:
     max_table_size: int = 2**20
     unknown_ids: str = "raise"
     row_budget: int | None = None
+    spm_vocab_size: int | None = None
+    spm_model_type: Literal["unigram", "bpe"] = "bpe"
+    spm_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.spm_vocab_size is not None and self.spm_vocab_size < 2:
+            raise ValueError(f"model.sid_tokens.spm_vocab_size must be >= 2 (the SIDs' symbols + SentencePiece's "
+                             f"unknown piece) or None, got {self.spm_vocab_size}")
+        if self.spm_model_type not in ("unigram", "bpe"):
+            raise ValueError(f"model.sid_tokens.spm_model_type must be 'unigram' or 'bpe', got "
+                             f"{self.spm_model_type!r}")
+        if (self.spm_vocab_size is not None and self.row_budget is not None
+                and self.spm_vocab_size >= self.row_budget):
+            raise ValueError(f"model.sid_tokens.spm_vocab_size {self.spm_vocab_size} leaves no row of row_budget "
+                             f"{self.row_budget} for the other SID token tables")
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,11 @@ class ModelConfig:
         history_block: ``none``, ``pooling``, ``pma``, ``din``, ``sim`` or ``dmqn``.
         history_options: constructor arguments of the history block (e.g. ``{"top_k": 50}`` for SIM).
         max_history: most recent history events the block sees (the padded length L).
+        pad_history: ``batch`` pads each batch's histories to its longest one (at most ``max_history``), so a
+            batch of short histories costs what they hold; ``max`` pads every batch to ``max_history`` (fixed
+            shapes). Same outputs either way (DMQN's training noise aside: it is drawn per padded position); fx
+            tracing, torch.export and torch.compile always pad to ``max_history`` (see
+            :class:`~torchrec_sid.models.dlrm.HistoryArch`).
         dense_layers: hidden sizes of the dense arch (its output is ``embedding_dim``).
         over_layers: hidden sizes of the over arch (its output is one logit).
         sid_features: SIDs as input features: the batch carries each item's SID codes (``<feature>__code<l>``,
@@ -78,8 +107,11 @@ class ModelConfig:
             holds no per-item SID table (memory per rank flat in the catalogue size; new items need no rebuild).
             False: the model looks SIDs up by item id in replicated per-item buffers (small catalogues).
         id_buckets: the id table has this many rows and each item id is hashed into one (a fixed hash: the
-            equal-memory baseline of SID tokens); None: one row per item. Not with ``sid`` (one token transform per
-            item arch) nor ``id_dropout``; untrained items are not zeroed (their bucket is shared).
+            equal-memory baseline of SID tokens); None: one row per item. With ``sid``, the hashed id is one more
+            token table of the SID transform (table ``sid_l<levels>``, after the per-level ones): sliding n-grams
+            would join it to the last SID code, so ``sid_tokens.ngram_orders`` must be ``[1]`` (prefixes are fine),
+            and ``sid_tokens.row_budget``, when set, holds the id table too (it gets at most an equal share). Not
+            with ``id_dropout`` nor ``sid_features``; untrained items are not zeroed (their bucket is shared).
     """
 
     embedding_dim: int = 32
@@ -91,6 +123,7 @@ class ModelConfig:
     history_block: str = "pooling"
     history_options: dict[str, Any] = field(default_factory=dict)
     max_history: int = 50
+    pad_history: str = "batch"
     dense_layers: tuple[int, ...] = (64,)
     over_layers: tuple[int, ...] = (128, 64)
     sid_features: bool = False
@@ -107,6 +140,8 @@ class ModelConfig:
             raise ValueError(f"model.id_dropout is {self.id_dropout} but item_representation {list(reps)} has no id")
         if self.history_block not in HISTORY_BLOCKS:
             raise ValueError(f"model.history_block must be one of {HISTORY_BLOCKS}, got {self.history_block!r}")
+        if self.pad_history not in HISTORY_PADDINGS:
+            raise ValueError(f"model.pad_history must be one of {HISTORY_PADDINGS}, got {self.pad_history!r}")
         for name in ("embedding_dim", "max_history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -125,11 +160,17 @@ class ModelConfig:
 
     def _check_row_budgets(self, reps: tuple[str, ...]) -> None:
         """``id_buckets`` and ``sid_tokens.row_budget``, the equal-memory settings."""
-        if self.id_buckets is not None and (self.id_buckets < 1 or "id" not in reps or "sid" in reps
-                                            or self.id_dropout):
+        if self.id_buckets is not None and (self.id_buckets < 1 or "id" not in reps or self.id_dropout):
             raise ValueError(f"model.id_buckets ({self.id_buckets}) hashes the id table: it must be >= 1, with id "
-                             f"and without sid or id_dropout in item_representation {list(reps)} (id_dropout "
-                             f"{self.id_dropout})")
+                             f"in item_representation {list(reps)} and without id_dropout ({self.id_dropout})")
+        if self.id_buckets is not None and "sid" in reps:
+            if tuple(self.sid_tokens.ngram_orders) != (1,):
+                raise ValueError(f"model.id_buckets ({self.id_buckets}) with sid makes the hashed id one more SID "
+                                 f"token level, which sliding n-grams would join to the last SID code: "
+                                 f"sid_tokens.ngram_orders must be [1], got {list(self.sid_tokens.ngram_orders)}")
+            if self.sid_features:
+                raise ValueError(f"model.id_buckets ({self.id_buckets}) with sid needs the per-item SID lookup: "
+                                 f"not with sid_features (the batch's code features carry no hashed id)")
         if self.sid_tokens.row_budget is not None and self.sid_tokens.row_budget < 1:
             raise ValueError(f"model.sid_tokens.row_budget must be >= 1, got {self.sid_tokens.row_budget}")
 

@@ -20,6 +20,12 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 
+def is_tracing() -> bool:
+    """True while fx symbolic tracing (TorchRec's tracer), ``torch.export`` or ``torch.compile`` traces the caller:
+    a shape read from the data (e.g. a batch's longest history) would be baked into, or break, the trace."""
+    return is_fx_symbolic_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def padding_mask(lengths: Tensor, max_len: int) -> Tensor:
     """``[B, max_len]`` bool, True at the first ``min(lengths[b], max_len)`` positions of row ``b``."""
     positions = torch.arange(max_len, device=lengths.device)
@@ -32,7 +38,8 @@ def jagged_to_padded(jt: JaggedTensor, max_len: int, padding_value: float = 0.0)
     Args:
         jt: values ``[sum L, D]`` (embeddings) or ``[sum L]`` (ids, timestamps), lengths ``[B]``, each row
             oldest first (as in ``CtrBatches``' ``history_*`` features).
-        max_len: padded length Lmax (static, so the result's shape does not depend on the data).
+        max_len: padded length Lmax (static, so the result's shape does not depend on the data; a caller may pass
+            a batch's longest length instead, as :class:`~torchrec_sid.models.dlrm.HistoryArch` does in eager runs).
         padding_value: value at padded positions.
 
     Returns:

@@ -73,13 +73,33 @@ def _token_ids(codes: Tensor, cardinalities: list[int], token: SidToken, oov: bo
     return ids
 
 
+def distinct_events(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``ids: [n]`` -> ``(distinct [U] sorted, first [U])``: each distinct value once (``torch.unique``) and the
+    position of its first occurrence (``ids[first] == distinct``).
+
+    Example::
+
+        distinct_events(torch.tensor([4, 2, 4, 7]))  # (tensor([2, 4, 7]), tensor([1, 0, 3]))
+    """
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(ids.numel(), device=ids.device)
+    first = positions.new_full((distinct.numel(),), ids.numel()).scatter_reduce_(0, inverse, positions, "amin")
+    return distinct, first
+
+
 @torch.fx.wrap
 def codes_to_sid_tokens(features: KeyedJaggedTensor, item_features: list[str], code_features: list[list[str]],
                         token_features: list[list[str]], tokens: list[SidToken], cardinalities: list[int],
-                        oov: bool) -> KeyedJaggedTensor:
+                        oov: bool, distinct: list[str] | None = None) -> KeyedJaggedTensor:
     """``features`` without the code features of ``item_features`` (all levels, read or not), plus one feature per
     token type and item feature (the layout of
-    :func:`~torchrec_sid.modules.sid_transform.append_sid_tokens`). An fx leaf (data-dependent splits)."""
+    :func:`~torchrec_sid.modules.sid_transform.append_sid_tokens`). An fx leaf (data-dependent splits).
+
+    Each item feature of ``distinct`` is reduced to its distinct ids, sorted, all in the first example (lengths
+    ``[U, 0, ..., 0]``, as :func:`~torchrec_sid.modules.sid_transform.distinct_values`), and its tokens are those of
+    the first event of each item (an item's codes are the same at all its events: one lookup filled them); the
+    output then carries no weights.
+    """
     if features.variable_stride_per_key():
         raise ValueError("SidCodeTransform: variable-batch (VBE) KeyedJaggedTensors are not supported")
     keys = features.keys()
@@ -92,21 +112,34 @@ def codes_to_sid_tokens(features: KeyedJaggedTensor, item_features: list[str], c
     kept = [k for k, key in enumerate(keys)
             if not any(key.startswith(p) and key[len(p):].isdigit() for p in prefixes)]
     values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
-    stride, length_per_key = features.stride(), features.length_per_key()
-    per_key_values = values.split(length_per_key)
-    per_key_lengths = lengths.view(len(keys), stride)
+    stride = features.stride()
+    per_key_values = list(values.split(features.length_per_key()))
+    per_key_lengths = list(lengths.view(len(keys), stride).unbind(0))
+    length_per_key = list(features.length_per_key())
+    first_events: dict[int, Tensor] = {}
+    for feature in distinct or []:
+        if feature not in item_features:
+            raise ValueError(f"SidCodeTransform: distinct feature '{feature}' is not one of the item features "
+                             f"{item_features}")
+        k = keys.index(feature)
+        per_key_values[k], first_events[k] = distinct_events(per_key_values[k])
+        per_key_lengths[k] = per_key_lengths[k].new_zeros(stride)
+        per_key_lengths[k][:1] = per_key_values[k].numel()
+        length_per_key[k] = per_key_values[k].numel()
     out_values = [per_key_values[k] for k in kept]
     out_lengths = [per_key_lengths[k] for k in kept]
     out_length_per_key = [length_per_key[k] for k in kept]
     sources = [keys.index(feature) for feature in item_features]
     for feature, names, k in zip(item_features, code_features, sources):
         codes = torch.stack([per_key_values[keys.index(name)] for name in names], 1)  # [n, levels]
+        if k in first_events:
+            codes = codes.index_select(0, first_events[k])  # [U, levels]
         for token in tokens:
             out_values.append(_token_ids(codes, cardinalities, token, oov, feature).to(values.dtype))
             out_lengths.append(per_key_lengths[k])
             out_length_per_key.append(length_per_key[k])
     out_weights: Tensor | None = None
-    if weights is not None:
+    if weights is not None and not first_events:
         per_key_weights = weights.split(length_per_key)
         out_weights = torch.cat([per_key_weights[k] for k in kept]
                                 + [per_key_weights[k] for k in sources for _ in tokens])
@@ -128,6 +161,10 @@ class SidCodeTransform(SidTableLayout, nn.Module):
         feature_names, ngram_orders, prefix_lengths, num_levels, max_table_size, unknown_ids, name, ngram_groups:
             as :class:`SidFeatureTransform`; ``unknown_ids="oov"`` maps ``-1`` codes (unknown items) to the OOV
             row, ``"raise"`` raises a ValueError naming the feature.
+        distinct_features: item features (of ``feature_names``) whose output holds only their distinct ids, sorted,
+            in the first example, and the tokens of those (as :class:`SidFeatureTransform`'s): a batch's histories
+            then cost one lookup per distinct item, gathered back to the events by the reader
+            (:class:`~torchrec_sid.models.ItemArch`).
 
     Example::
 
@@ -154,6 +191,7 @@ class SidCodeTransform(SidTableLayout, nn.Module):
         unknown_ids: UnknownIdPolicy = "raise",
         name: str = "sid",
         ngram_groups: Sequence[int] = (),
+        distinct_features: Sequence[str] = (),
     ) -> None:
         super().__init__()
         num_levels = len(cardinalities) if num_levels is None else num_levels
@@ -166,7 +204,10 @@ class SidCodeTransform(SidTableLayout, nn.Module):
         self.tokens = sid_tokens(self.cardinalities, ngram_orders, prefix_lengths, max_table_size, ngram_groups)
         self.code_features: list[list[str]] = [code_feature_names(f, num_levels) for f in self.feature_names]
         self.token_features: list[list[str]] = [self.derived_feature_names(f) for f in self.feature_names]
-
+        if not set(distinct_features) <= set(self.feature_names):
+            raise ValueError(f"SidCodeTransform: distinct_features {list(distinct_features)} must be among "
+                             f"feature_names {self.feature_names}")
+        self.distinct_features: list[str] = list(distinct_features)
 
     @classmethod
     def from_semantic_ids(cls, semantic_ids: SemanticIds, feature_names: Sequence[str],
@@ -196,7 +237,8 @@ class SidCodeTransform(SidTableLayout, nn.Module):
         return sum(t.numel() * t.element_size() for t in [*self.parameters(), *self.buffers()])
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """``features`` (B examples, with the code features) -> without them, plus the token features."""
+        """``features`` (B examples, with the code features) -> without them (``distinct_features`` reduced to their
+        distinct ids), plus the token features."""
         return codes_to_sid_tokens(features, self.feature_names, self.code_features, self.token_features,
-                                   self.tokens, self.cardinalities, self.oov)
+                                   self.tokens, self.cardinalities, self.oov, self.distinct_features)
 

@@ -28,7 +28,17 @@ significant, as :func:`~torchrec_sid.sid.packing.pack_codes`). When the exact vo
 ``"oov"`` policy every table gets one more row, its last, that unknown item ids map to.
 
 Every token of every item is computed once, at construction, into the buffer ``item_tokens: [T, N (+1)]`` (int32);
-``forward`` gathers one row per token type and item feature.
+``forward`` gathers, per item feature, the rows of the tokens no other token holds (:func:`token_plan`) and computes
+the others from those by a mask, a shift or a remainder (prefixes ``[1, 2, 3]``: one gather, two masks), straight
+into the output values (:func:`gather_token_rows`).
+
+Item ids may be int64 or int32 (TorchRec's EBC / EC and fbgemm's TBE take int32 indices and offsets): the output
+keeps the input's values and lengths dtypes for every token type, the SPM pieces, ``distinct_features`` and the
+OOV row, so int32 ids give int32 tokens (every table has at most :data:`MAX_TABLE_SIZE` rows plus the OOV row: token
+ids fit int32) and an output half the bytes, which the transform writes straight from ``item_tokens``, with no
+conversion (:class:`~torchrec_sid.data.batches.CtrBatches` emits int32 ids with ``index_dtype=torch.int32``). int32
+ids raise a ValueError naming the feature when the catalogue's largest row (the OOV row included) exceeds int32, and
+int32 lengths when the output's offsets would.
 """
 
 from __future__ import annotations
@@ -151,11 +161,76 @@ def item_token_table(codes: Tensor, cardinalities: Sequence[int], tokens: Sequen
     return torch.stack(rows).int()
 
 
+TOKEN_STEPS = ("gather", "copy", "mask", "shift_mask", "remainder")  # plan kinds 0..4 (:func:`token_plan`)
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x & (x - 1) == 0
+
+
+def _derivation(source: SidToken, token: SidToken, cardinalities: Sequence[int]) -> list[int] | None:
+    """``[kind, shift, modulus]`` computing ``token`` from the exact token ``source`` whose levels hold its levels, or
+    None where that costs as much as a gather (a division by a non power of two)."""
+    first, last = token.first_level, token.last_level
+    divisor, modulus = math.prod(cardinalities[source.first_level:first]), math.prod(cardinalities[first:last])
+    if (first, last) == (source.first_level, source.last_level):
+        return [1, 0, modulus]
+    if divisor == 1 and _is_power_of_two(modulus):
+        return [2, 0, modulus]
+    if _is_power_of_two(divisor) and _is_power_of_two(modulus):
+        return [3, divisor.bit_length() - 1, modulus]
+    if divisor == 1:
+        return [4, 0, modulus]
+    return None
+
+
+def token_plan(tokens: Sequence[SidToken], cardinalities: Sequence[int], oov: bool) -> list[list[int]]:
+    """How ``forward`` fills each token row: ``[source, kind, shift, modulus]`` per token (kinds: :data:`TOKEN_STEPS`).
+
+    ``source = -1``: gathered from ``item_tokens`` (kind 0). Otherwise computed from the gathered token ``source``, an
+    exact token (not hashed) whose levels ``[a, b)`` hold this token's ``[f, l)``: its id ``P`` packs those levels in
+    mixed radix, so this token is ``(P // prod(K[a:f])) % prod(K[f:l])``, by a copy (same levels), a mask, a shift and
+    a mask (powers of two) or a remainder (``f = a``): cheaper than a random gather (prefixes ``[1, 2, 3]`` of 64-way
+    levels: one gather and two masks). Under ``"oov"`` every token is gathered: the OOV column is no digit string.
+
+    Example::
+
+        token_plan(sid_tokens([64, 64, 64], [1], [2, 3], 2**20), [64, 64, 64], oov=False)
+        # tokens l0, l1, l2, prefix2, prefix3; prefix3 is gathered, the others computed from it:
+        # [[4, 2, 0, 64], [4, 3, 6, 64], [4, 3, 12, 64], [4, 2, 0, 4096], [-1, 0, 0, 0]]
+        # l0 = prefix3 & 63, l1 = (prefix3 >> 6) & 63, l2 = (prefix3 >> 12) & 63, prefix2 = prefix3 & 4095
+    """
+    plan = [[-1, 0, 0, 0] for _ in tokens]
+    if oov:
+        return plan
+    spans = [(token.first_level, token.last_level) for token in tokens]
+
+    def holds(s: int, t: int) -> bool:
+        return spans[s][0] <= spans[t][0] and spans[t][1] <= spans[s][1]
+
+    exact = [t for t, token in enumerate(tokens) if not token.hashed]
+    roots = [s for s in exact if not any(u != s and holds(u, s) and (spans[u] != spans[s] or u < s) for u in exact)]
+    for t in exact:
+        if t in roots:
+            continue
+        steps = [(step, s) for s in roots if holds(s, t)
+                 for step in [_derivation(tokens[s], tokens[t], cardinalities)] if step is not None]
+        if steps:
+            step, source = min(steps)  # the cheapest kind
+            plan[t] = [source, *step]
+    return plan
+
+
 def _item_ids(ids: Tensor, feature: str, num_items: int, oov: bool) -> Tensor:
     """``ids: [n]`` with unknown ids (negative or ``>= num_items``) mapped to the OOV column, or a ValueError."""
     if ids.dtype != torch.int64 and ids.dtype != torch.int32:
         raise ValueError(f"SidFeatureTransform: feature '{feature}' has {ids.dtype} ids; item ids must be int64 or "
                          f"int32 (KeyedJaggedTensor values)")
+    if ids.dtype == torch.int32 and num_items - 1 + int(oov) > 2147483647:
+        oov_row = " + the OOV row" if oov else ""
+        raise ValueError(f"SidFeatureTransform: feature '{feature}' has int32 item ids, but its largest row, "
+                         f"{num_items - 1 + int(oov)} ({num_items} items{oov_row}), exceeds the int32 limit "
+                         "2147483647; pass int64 ids")
     if oov:
         return ids.masked_fill((ids < 0) | (ids >= num_items), num_items)
     if (not torch.jit.is_scripting() and is_pt2_compiling()) or ids.numel() == 0:  # no data-dependent checks
@@ -171,16 +246,17 @@ def _item_ids(ids: Tensor, feature: str, num_items: int, oov: bool) -> Tensor:
 
 def gather_pieces(ids: Tensor, lengths: Tensor, piece_offsets: Tensor, piece_values: Tensor) -> tuple[Tensor, Tensor]:
     """The pieces of items ``ids: [n]`` (rows, OOV included) concatenated, and per example (``lengths: [B]`` items
-    each) the number of pieces: ``(values [sum pieces], lengths [B])``."""
+    each) the number of pieces: ``(values [sum pieces], lengths [B])``, of the dtypes of ``ids`` and ``lengths``."""
     starts = piece_offsets.index_select(0, ids)
     counts = piece_offsets.index_select(0, ids + 1) - starts
     ends = counts.cumsum(0)
     owner = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts)  # [sum pieces]
     within = torch.arange(owner.numel(), device=ids.device) - (ends - counts).index_select(0, owner)
-    values = piece_values.index_select(0, starts.index_select(0, owner) + within)
+    values = piece_values.index_select(0, starts.index_select(0, owner) + within).to(ids.dtype)
     item_ends = torch.cat([ends.new_zeros(1), ends])
     boundaries = lengths.cumsum(0)
-    return values, item_ends.index_select(0, boundaries) - item_ends.index_select(0, boundaries - lengths)
+    piece_lengths = item_ends.index_select(0, boundaries) - item_ends.index_select(0, boundaries - lengths)
+    return values, piece_lengths.to(lengths.dtype)
 
 
 def distinct_values(features: KeyedJaggedTensor, distinct: list[str] | None) -> KeyedJaggedTensor:
@@ -217,11 +293,71 @@ def distinct_values(features: KeyedJaggedTensor, distinct: list[str] | None) -> 
                              stride=stride, length_per_key=[v.numel() for v in per_key_values])
 
 
+def derive_token(out: Tensor, source: Tensor, step: list[int]) -> None:
+    """``out: [n]`` = the token of plan entry ``step`` (:func:`token_plan`) computed from its source's ids
+    ``source: [n]`` (of ``out``'s dtype: no temporary tensor)."""
+    kind, shift, modulus = step[1], step[2], step[3]
+    if kind == 1:
+        out.copy_(source)
+    elif kind == 2:
+        torch.bitwise_and(source, modulus - 1, out=out)
+    elif kind == 3:
+        torch.bitwise_right_shift(source, shift, out=out).bitwise_and_(modulus - 1)
+    else:
+        torch.remainder(source, modulus, out=out)
+
+
+def gather_token_rows(out: Tensor, item_tokens: Tensor, ids: Tensor, plan: list[list[int]] | None = None) -> None:
+    """Writes ``out[t, j] = item_tokens[t, ids[j]]`` into ``out: [T, n]`` (a block of the output values), for item
+    rows ``ids: [n]``: one 1-D gather per token row (faster than one over ``[T, N]``'s columns), or, per ``plan``
+    (:func:`token_plan`; None: gather every row), a mask or shift of a gathered row.
+
+    ``ids`` are read as int32 (converted once when int64: the CPU gather is faster with int32 indices). Rows of
+    ``out``'s dtype (int32 item ids) are gathered straight into it; into an int64 ``out`` a row is gathered into one
+    int32 scratch ``[n]``, shared by the T rows, then converted into its row of ``out``. Derived rows are computed
+    from their source's row of ``out``.
+
+    Example::
+
+        # item_tokens [[5, 6, 7], [0, 1, 2]], ids [2, 0] -> out [[7, 5], [2, 0]]
+    """
+    rows = item_tokens.unbind(0)
+    if ids.dtype == torch.int64 and item_tokens.size(1) <= 2147483647:  # int32 indices reach every item
+        ids = ids.int()
+    direct = out.dtype == item_tokens.dtype
+    scratch = item_tokens.new_empty(0 if direct else ids.numel())
+    for t in range(len(rows)):
+        if plan is not None and plan[t][0] >= 0:
+            continue  # derived from its source below
+        if direct:
+            torch.index_select(rows[t], 0, ids, out=out[t])
+        else:
+            out[t].copy_(torch.index_select(rows[t], 0, ids, out=scratch))
+        if plan is not None:
+            for d in range(len(rows)):
+                if plan[d][0] == t:
+                    derive_token(out[d], out[t], plan[d])
+
+
+def _check_offsets_fit(lengths_dtype: torch.dtype, num_values: int, feature: str, what: str) -> None:
+    """Raises ValueError when an output of ``num_values`` values, after ``feature``'s ``what``, has offsets past
+    int32 with int32 lengths (a KJT's offsets take its lengths' dtype). Skipped under torch.export / compile, where
+    ``num_values`` is data-dependent."""
+    if not torch.jit.is_scripting() and is_pt2_compiling():
+        return
+    if lengths_dtype == torch.int32 and num_values > 2147483647:
+        raise ValueError(f"SidFeatureTransform: with the {what} of feature '{feature}' the output holds "
+                         f"{num_values} values, past the int32 offsets limit 2147483647 of int32 lengths; "
+                         f"pass int64 lengths or a smaller batch")
+
+
 @torch.fx.wrap
 def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_features: list[str],
                       token_features: list[list[str]], oov: bool, piece_offsets: Tensor | None = None,
-                      piece_values: Tensor | None = None, distinct: list[str] | None = None) -> KeyedJaggedTensor:
-    """``features`` plus, per item feature, one feature per token type (``item_tokens: [T, N (+1)]``).
+                      piece_values: Tensor | None = None, distinct: list[str] | None = None,
+                      plan: list[list[int]] | None = None) -> KeyedJaggedTensor:
+    """``features`` plus, per item feature, one feature per token type (``item_tokens: [T, N (+1)]``; ``plan``: which
+    rows to gather and which to compute from a gathered one, :func:`token_plan`; None: gather all).
 
     Input features keep their keys, order, values, lengths and weights (those of ``distinct`` are first reduced
     to their distinct values: :func:`distinct_values`); derived features follow, with their source's lengths
@@ -239,12 +375,12 @@ def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_fea
             raise ValueError(f"SidFeatureTransform: item feature '{feature}' is missing from the input; "
                              f"its keys are {keys}")
     sources = [keys.index(feature) for feature in item_features]
-    token_rows = item_tokens.unbind(0)  # one gather per token row: faster than one over [T, N]'s columns
-    num_tokens, num_items = len(token_rows), item_tokens.size(1) - int(oov)
+    num_tokens, num_items = item_tokens.size(0), item_tokens.size(1) - int(oov)
     num_derived = 0
-    for k in sources:
+    for feature, k in zip(item_features, sources):
         num_derived += num_tokens * length_per_key[k]
-    # each token row's gather is converted straight into its slice of the output: no [T, n] tensor, no cat
+        _check_offsets_fit(lengths.dtype, values.numel() + num_derived, feature, "tokens")
+    # each feature's tokens are gathered straight into their [T, n] block of the output: no cat
     out_values = values.new_empty(values.numel() + num_derived)
     out_values[:values.numel()].copy_(values)
     offset = values.numel()
@@ -253,9 +389,9 @@ def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_fea
     pieces: list[tuple[Tensor, Tensor]] = []
     for feature, k in zip(item_features, sources):
         ids = _item_ids(per_key_values[k], feature, num_items, oov)
-        for row in token_rows:
-            out_values[offset:offset + length_per_key[k]].copy_(row.index_select(0, ids))
-            offset += length_per_key[k]
+        block = out_values[offset:offset + num_tokens * length_per_key[k]].view(num_tokens, length_per_key[k])
+        gather_token_rows(block, item_tokens, ids, plan)
+        offset += num_tokens * length_per_key[k]
         if piece_offsets is not None and piece_values is not None:
             pieces.append(gather_pieces(ids, per_key_lengths[k], piece_offsets, piece_values))
     out_lengths = [lengths] + [per_key_lengths[k].repeat(num_tokens) for k in sources]
@@ -271,6 +407,7 @@ def append_sid_tokens(features: KeyedJaggedTensor, item_tokens: Tensor, item_fea
         out_length_per_key.extend([length_per_key[k]] * num_tokens)
     if pieces:
         out_values = torch.cat([out_values] + [values_ for values_, _ in pieces])
+        _check_offsets_fit(lengths.dtype, out_values.numel(), ", ".join(item_features), "SPM pieces")
         out_lengths += [piece_lengths for _, piece_lengths in pieces]
         out_keys += [derived[num_tokens] for derived in token_features]
         out_length_per_key += [values_.numel() for values_, _ in pieces]
@@ -337,7 +474,8 @@ class SidFeatureTransform(SidTableLayout, nn.Module):
 
     Args:
         semantic_ids: the artifact; ``codes: [N, levels]``, row i = item i.
-        feature_names: item-id features to derive tokens from; their values are item ids in ``[0, N)``.
+        feature_names: item-id features to derive tokens from; their values are item ids in ``[0, N)``, int64 or
+            int32 (the output keeps the input's dtypes: module docstring).
         ngram_orders: sliding n-grams of each order over consecutive levels; order 1 gives one token per level.
         ngram_groups: non-overlapping n-grams of each order (Singh et al.'s N-gram-SID): levels
             ``[0, m), [m, 2m), ...``, the last group shorter when ``m`` does not divide the levels.
@@ -413,6 +551,7 @@ class SidFeatureTransform(SidTableLayout, nn.Module):
         self.register_buffer(
             "item_tokens", item_token_table(semantic_ids.codes[:, :num_levels], cardinalities, self.tokens, self.oov)
         )
+        self.token_plan: list[list[int]] = token_plan(self.tokens, cardinalities, self.oov)
 
     def _register_pieces(self, spm: SidPieces, num_items: int) -> None:
         """Buffers ``piece_offsets: [N + 2]`` and ``piece_values: [P + 1]``: the pieces of every item, then of the
@@ -448,6 +587,7 @@ class SidFeatureTransform(SidTableLayout, nn.Module):
         plus ``len(feature_names) * T`` token features."""
         if self.spm_vocab_size is None:
             return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov,
-                                     distinct=self.distinct_features)
+                                     distinct=self.distinct_features, plan=self.token_plan)
         return append_sid_tokens(features, self.item_tokens, self.feature_names, self.token_features, self.oov,
-                                 self.piece_offsets, self.piece_values, distinct=self.distinct_features)
+                                 self.piece_offsets, self.piece_values, distinct=self.distinct_features,
+                                 plan=self.token_plan)

@@ -1,27 +1,29 @@
 """RQ-KMeans: one k-means codebook per residual level; also the k-means pieces that RQ-GMM reuses.
 
-* Distances: ``||x||^2 - 2 x c^T + ||c||^2``, one matmul per chunk of ``chunk_size`` rows, so memory stays
-  ``O(chunk_size * K)`` and no ``[N, K, D]`` tensor is ever formed.
-* Seeding: greedy k-means++ on a seeded sample of ``init_rows_per_centroid * K`` rows drawn by global index
-  (the same sample on every rank, gathered row by row, never the catalogue).
+* Distances: ``||c||^2 - 2 x c^T`` by one fused matmul (``addmm``) per chunk of ``chunk_size`` rows and its row
+  minimum (``||x||^2``, the same for every centroid, only enters the inertia, as one dot product per chunk), so
+  memory stays ``O(chunk_size * K)`` and no ``[N, K, D]`` tensor is ever formed.
+* The start of each level's k-means is found on a seeded global sample of ``init_rows_per_centroid * K`` rows
+  (drawn by global index, the same on every rank, read in row order; never the catalogue), so its cost does not
+  grow with N; then ``max_iter`` Lloyd iterations run on all rows.
 * Progressive dimensions (faiss's ``ProgressiveDimClustering``, the default training of its
-  ``ResidualQuantizer``), on principal directions: k-means runs first on the projections on the ``d_1`` leading
-  principal directions of the level's residuals, then on ``d_2 > d_1`` of them starting from the previous
-  centroids padded with zeros, ..., then on the residuals themselves, with ``d_i = D ** (i / steps)``.
-  Plain k-means (one stage on all D columns) collapses deep residual levels: residuals of sentence embeddings are
-  nearly isotropic, a centroid that averages many of them has a small norm and so is near every row, it gathers
-  more rows and shrinks further (rich get richer). On MovieLens text at 3 x 64, level 3 ended with perplexity 13
-  of 64 and 21% of the items in one code; faiss's own k-means per level does the same (perplexity 8), and faiss's
-  ``ResidualQuantizer`` avoids it only through progressive dimensions. Clustering in few dimensions first finds
-  a balanced partition, which later stages refine instead of collapse. faiss takes the first columns as they
-  come; principal directions reconstruct better (MovieLens 3 x 64: RMSE 0.02730 against 0.02778 for the first
-  columns and faiss's 0.02748). ``init="best"`` also runs plain k-means and keeps the lower inertia
-  (:func:`kmeans`).
-* Lloyd iterations: counts, sums and inertia accumulated in float64 and all-reduced across ranks; an empty
-  cluster splits the largest cluster (its centroid and the largest one's become that centroid scaled by
-  ``1 +- 1/1024`` on alternating dimensions, as faiss does), so a re-seeded code takes half of a crowded code's
-  items instead of one outlier row; stop when the inertia changes by at most ``tol`` relative, or after
-  ``max_iter`` iterations.
+  ``ResidualQuantizer``), on the sample's principal directions: k-means runs first on the projections on the
+  ``d_1`` leading principal directions, then on ``d_2 > d_1`` of them starting from the previous centroids padded
+  with zeros, ..., with ``d_i = D ** (i / steps)``; the full-data iterations on all D columns start from the
+  result. Plain k-means (one stage on all D columns) collapses deep residual levels: residuals of sentence
+  embeddings are nearly isotropic, a centroid that averages many of them has a small norm and so is near every
+  row, it gathers more rows and shrinks further (rich get richer). On MovieLens text at 3 x 64, level 3 ended with
+  perplexity 13 of 64 and 21% of the items in one code; faiss's own k-means per level does the same (perplexity
+  8), and faiss's ``ResidualQuantizer`` avoids it only through progressive dimensions. Clustering in few
+  dimensions first finds a balanced partition, which later stages refine instead of collapse. faiss takes the
+  first columns as they come; principal directions reconstruct better (MovieLens 3 x 64: RMSE 0.02730 against
+  0.02778 for the first columns and faiss's 0.02748). ``init="best"`` also seeds plain k-means++ and keeps the
+  start with the lower inertia on the sample (:func:`kmeans`).
+* Lloyd iterations: counts, sums (one chunk's in float32) and inertia accumulated in float64 and all-reduced
+  across ranks; an empty cluster splits the largest cluster (its centroid and the largest one's become that
+  centroid scaled by ``1 +- 1/1024`` on alternating dimensions, as faiss does), so a re-seeded code takes half of
+  a crowded code's items instead of one outlier row; stop when the inertia changes by at most ``tol`` relative,
+  or after ``max_iter`` iterations.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torchrec_sid.quantizers.base import (
     gather_global_rows,
     integer,
     one_of,
-    projected_rows,
+    read_chunks,
     real,
     register,
     row_chunks,
@@ -48,17 +50,28 @@ from torchrec_sid.quantizers.base import (
 )
 
 SPLIT_EPS = 1.0 / 1024  # relative perturbation of a split centroid (faiss's EPS)
+START_TOL = 1e-3  # the Lloyd iterations on the sample (a start, refined on all rows) stop at this relative change
+SEEDING_ROWS_PER_CENTROID = 8  # init="best": k-means++ runs on the first 8 * K rows of the sample, as the seeds are
+# then refined on the whole sample (greedy k-means++ reads its rows 2 + ln K times per seed: on 32 * 256 rows of 384
+# columns, it costs as much as two Lloyd iterations on 100k rows)
 
 
 def squared_distances(x: Tensor, x_sq: Tensor, centroids: Tensor, centroid_sq: Tensor) -> Tensor:
     """``x: [n, D]``, ``x_sq: [n]``, ``centroids: [K, D]``, ``centroid_sq: [K]`` -> ``[n, K]`` squared distances."""
-    return (x_sq[:, None] - 2 * x @ centroids.T + centroid_sq).clamp_min_(0)
+    return torch.addmm(centroid_sq, x, centroids.T, alpha=-2).add_(x_sq[:, None]).clamp_min_(0)
+
+
+def nearest_scores(x: Tensor, centroids: Tensor, centroid_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """The nearest centroid of each row by ``||c||^2 - 2 x c`` (one fused matmul; the row norms, the same for every
+    centroid, are left out): ``x: [n, D]``, ``centroids: [K, D]``, ``centroid_sq: [K]`` ->
+    ``(score: [n], codes: LongTensor[n])``; the squared distance is ``score + ||x||^2``."""
+    return torch.addmm(centroid_sq, x, centroids.T, alpha=-2).min(dim=1)
 
 
 def nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest centroid of each row: ``x: [n, D]``, ``centroids: [K, D]`` -> ``(d2: [n], codes: LongTensor[n])``."""
-    d2 = squared_distances(x, (x * x).sum(1), centroids, (centroids * centroids).sum(1))
-    return d2.min(dim=1)
+    score, codes = nearest_scores(x, centroids, (centroids * centroids).sum(1))
+    return (score + (x * x).sum(1)).clamp_min_(0), codes
 
 
 def kmeans_plus_plus(sample: Tensor, k: int, generator: torch.Generator) -> Tensor:
@@ -84,12 +97,17 @@ def kmeans_plus_plus(sample: Tensor, k: int, generator: torch.Generator) -> Tens
     return sample[index].clone()
 
 
+def global_sample(x: Rows, layout: ShardLayout, size: int, generator: torch.Generator) -> Tensor:
+    """A seeded sample of ``min(N, size)`` rows of the global catalogue ``x: [n, D]`` (this rank's rows), the same on
+    every rank (drawn by global index and gathered, never the catalogue) -> ``[S, D]``."""
+    index = torch.randperm(layout.total_rows, generator=generator)[: min(layout.total_rows, size)]
+    return gather_global_rows(x, index, layout)
+
+
 def seed_centroids(x: Rows, k: int, layout: ShardLayout, rows_per_centroid: int,
                    generator: torch.Generator) -> Tensor:
     """k-means++ on a seeded global sample of ``min(N, rows_per_centroid * k)`` rows of ``x: [n, D]`` -> ``[k, D]``."""
-    size = min(layout.total_rows, rows_per_centroid * k)
-    index = torch.randperm(layout.total_rows, generator=generator)[:size]
-    return kmeans_plus_plus(gather_global_rows(x, index, layout), k, generator)
+    return kmeans_plus_plus(global_sample(x, layout, rows_per_centroid * k, generator), k, generator)
 
 
 def split_largest_(centroids: Tensor, counts: Tensor, empty: Tensor) -> None:
@@ -109,28 +127,31 @@ def split_largest_(centroids: Tensor, counts: Tensor, empty: Tensor) -> None:
 
 
 def lloyd(x: Rows, centroids: Tensor, layout: ShardLayout, *, max_iter: int, tol: float, chunk_size: int,
-          record: Record) -> Tensor:
+          record: Record, reduce: bool = True) -> Tensor:
     """Lloyd iterations from ``centroids: [K, D]`` on ``x: [n, D]`` (this rank's rows) -> ``[K, D]``.
 
     Calls ``record`` once per iteration with ``iteration``, ``rmse`` (per element, of the assignment to the
     iteration's centroids), ``utilization`` (fraction of non-empty clusters in that assignment, before any
     re-seeding), ``max_share`` (the largest cluster's fraction of the rows) and ``reseeded`` (empty clusters
-    re-seeded, by splitting the largest, in the update that produced the iteration's centroids).
+    re-seeded, by splitting the largest, in the update that produced the iteration's centroids). ``reduce=False``:
+    ``x`` is the same on every rank (a gathered sample), nothing is all-reduced.
     """
     k, dim = centroids.shape
     previous, reseeded = None, 0
+    chunk_sums = torch.empty(k, dim)  # one chunk's sums in float32, added to the float64 totals
     for iteration in range(max_iter):
-        counts = torch.zeros(k, dtype=torch.float64)
-        sums = torch.zeros(k, dim, dtype=torch.float64)
-        inertia_sum = torch.zeros(1, dtype=torch.float64)
-        for rows in row_chunks(len(x), chunk_size):
-            chunk = x[rows]
-            error, codes = nearest(chunk, centroids)
+        flat = torch.zeros(k + 1 + k * dim, dtype=torch.float64)  # counts, inertia, sums: one all-reduce
+        counts, inertia_sum, sums = flat[:k], flat[k : k + 1], flat[k + 1 :].view(k, dim)
+        centroid_sq = (centroids * centroids).sum(1)
+        for _, chunk in read_chunks(x, chunk_size):
+            score, codes = nearest_scores(chunk, centroids, centroid_sq)
             counts += torch.bincount(codes, minlength=k)
-            sums.index_add_(0, codes, chunk.double())
-            inertia_sum += error.double().sum()
-        flat = all_reduce_sum_(torch.cat([counts, inertia_sum, sums.flatten()]))
-        counts, inertia, sums = flat[:k], flat[k].item(), flat[k + 1 :].view(k, dim)
+            sums += chunk_sums.zero_().index_add_(0, codes, chunk)
+            row_sq = chunk.reshape(-1)
+            inertia_sum += score.sum(dtype=torch.float64) + torch.dot(row_sq, row_sq).double()
+        if reduce:
+            all_reduce_sum_(flat)
+        inertia = max(inertia_sum.item(), 0.0)
         empty = (counts == 0).nonzero().flatten()
         record({"iteration": iteration, "rmse": math.sqrt(inertia / (layout.total_rows * dim)),
                 "utilization": 1.0 - len(empty) / k, "max_share": counts.max().item() / layout.total_rows,
@@ -152,9 +173,10 @@ def progressive_dims(dim: int, steps: int) -> list[int]:
     return [d for d in dims if d <= dim]
 
 
-def principal_basis(x: Rows, layout: ShardLayout, chunk_size: int) -> Tensor:
-    """The principal directions of ``x: [n, D]`` over all ranks, by decreasing variance -> ``basis: [D, D]``
-    (columns; each signed so that its largest entry is positive, so the result does not depend on the solver)."""
+def principal_basis(x: Rows, layout: ShardLayout, chunk_size: int, *, reduce: bool = True) -> Tensor:
+    """The principal directions of ``x: [n, D]`` over all ranks (``reduce=False``: of this rank's rows, e.g. a
+    gathered sample), by decreasing variance -> ``basis: [D, D]`` (columns; each signed so that its largest entry
+    is positive, so the result does not depend on the solver)."""
     dim = x.shape[1]
     flat = torch.zeros(dim + dim * dim, dtype=torch.float64)
     total, outer = flat[:dim], flat[dim:].view(dim, dim)
@@ -162,7 +184,8 @@ def principal_basis(x: Rows, layout: ShardLayout, chunk_size: int) -> Tensor:
         r = x[rows].double()
         total += r.sum(0)
         outer += r.T @ r
-    all_reduce_sum_(flat)
+    if reduce:
+        all_reduce_sum_(flat)
     mean = total / layout.total_rows
     _, vectors = torch.linalg.eigh(outer / layout.total_rows - torch.outer(mean, mean))
     vectors = vectors.flip(1)
@@ -170,35 +193,36 @@ def principal_basis(x: Rows, layout: ShardLayout, chunk_size: int) -> Tensor:
     return (vectors * torch.where(sign == 0, 1.0, sign)).float()
 
 
-def inertia(x: Rows, centroids: Tensor, chunk_size: int) -> float:
-    """Sum over all ranks' rows of ``x: [n, D]`` of the squared distance to the nearest of ``centroids: [K, D]``."""
+def inertia(x: Rows, centroids: Tensor, chunk_size: int, *, reduce: bool = True) -> float:
+    """Sum over all ranks' rows (``reduce=False``: this rank's) of ``x: [n, D]`` of the squared distance to the
+    nearest of ``centroids: [K, D]``."""
     total = torch.zeros(1, dtype=torch.float64)
-    for rows in row_chunks(len(x), chunk_size):
-        total += nearest(x[rows], centroids)[0].double().sum()
-    return all_reduce_sum_(total).item()
+    for _, chunk in read_chunks(x, chunk_size):
+        total += nearest(chunk, centroids)[0].double().sum()
+    return (all_reduce_sum_(total) if reduce else total).item()
 
 
-def progressive_kmeans(x: Rows, k: int, layout: ShardLayout, generator: torch.Generator, *, max_iter: int,
-                       tol: float, chunk_size: int, rows_per_centroid: int, steps: int, stage_iter: int,
-                       stage: str, record: Record) -> Tensor:
-    """Progressive-dimension k-means of ``x: [n, D]`` -> ``[k, D]`` (module docstring), on principal directions.
+def progressive_start(sample: Tensor, k: int, generator: torch.Generator, *, tol: float, chunk_size: int,
+                      steps: int, stage_iter: int, stage: str, record: Record) -> Tensor:
+    """Progressive-dimension k-means (module docstring) on a gathered ``sample: [S, D]`` -> ``[k, D]`` centroids
+    in the sample's coordinates, the start of the full-data Lloyd iterations.
 
-    Stage ``d`` of :func:`progressive_dims` clusters the projections on the ``d`` leading principal directions
-    (``stage_iter`` Lloyd iterations), starting from the previous stage's centroids padded with zeros; the first
-    stage is seeded by k-means++; the last runs ``max_iter`` iterations on ``x`` itself. ``record``: the last
-    stage's iterations as ``stage``, the earlier ones as ``stage + "_progressive"`` with their ``dims``.
+    Stage ``d`` of :func:`progressive_dims` (all but the last, ``D``) clusters the sample's projections on its
+    ``d`` leading principal directions (at most ``stage_iter`` Lloyd iterations, recorded as
+    ``stage + "_progressive"`` with their ``dims``), starting from the previous stage's centroids padded with zeros;
+    the first stage is seeded by k-means++. The stages run on the sample only: they find a balanced partition,
+    which the full-data iterations refine, at a cost that does not grow with N.
     """
-    dims = progressive_dims(x.shape[1], steps)
-    basis = principal_basis(x, layout, chunk_size)
-    centroids = seed_centroids(projected_rows(x, basis[:, : dims[0]]), k, layout, rows_per_centroid, generator)
+    dims = progressive_dims(sample.shape[1], steps)
+    layout = ShardLayout(0, len(sample), len(sample))
+    basis = principal_basis(sample, layout, chunk_size, reduce=False)
+    centroids = kmeans_plus_plus(sample @ basis[:, : dims[0]], k, generator)
     for d in dims[:-1]:
         padded = torch.zeros(k, d)
         padded[:, : centroids.shape[1]] = centroids
-        centroids = lloyd(projected_rows(x, basis[:, :d]), padded, layout, max_iter=stage_iter, tol=tol,
-                          chunk_size=chunk_size, record=_tagged(record, f"{stage}_progressive", d))
-    centroids = centroids @ basis[:, : centroids.shape[1]].T  # back to the input's coordinates
-    return lloyd(x, centroids, layout, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
-                 record=_tagged(record, stage, x.shape[1]))
+        centroids = lloyd(sample @ basis[:, :d], padded, layout, max_iter=stage_iter, tol=tol, chunk_size=chunk_size,
+                          record=_tagged(record, f"{stage}_progressive", d), reduce=False)
+    return centroids @ basis[:, : centroids.shape[1]].T  # back to the input's coordinates
 
 
 INITS = ("best", "progressive", "kmeans++")
@@ -207,32 +231,49 @@ INITS = ("best", "progressive", "kmeans++")
 def kmeans(x: Rows, k: int, layout: ShardLayout, generator: torch.Generator, *, init: str, max_iter: int,
            tol: float, chunk_size: int, rows_per_centroid: int, progressive_steps: int, progressive_iter: int,
            stage: str, record: Record) -> Tensor:
-    """k-means of ``x: [n, D]`` (this rank's rows) -> centroids ``[k, D]``.
+    """k-means of ``x: [n, D]`` (this rank's rows) -> centroids ``[k, D]``: a start found on a seeded global sample
+    of ``min(N, rows_per_centroid * k)`` rows, then ``max_iter`` Lloyd iterations (at most) on all rows. The
+    iterations on the sample stop when the inertia changes by at most ``max(tol, START_TOL)`` relative.
 
-    ``init``: ``"progressive"`` (:func:`progressive_kmeans`), ``"kmeans++"`` (k-means++ seeds, then ``max_iter``
-    Lloyd iterations on all columns; recorded as ``stage + "_kmeans++"``), or ``"best"``: both, keeping the lower
-    inertia (recorded as ``stage + "_choice"`` with ``chosen``). Progressive k-means avoids the collapse of deep
-    levels; on well-separated blobs its low-dimensional stages can merge two blobs, which k-means++ does not.
+    ``init``: ``"progressive"`` (:func:`progressive_start`), ``"kmeans++"`` (k-means++ seeds), or ``"best"``: both,
+    each refined by ``progressive_iter`` Lloyd iterations on the sample's D columns (recorded as
+    ``stage + "_sample_<name>"``), keeping the lower inertia on the sample (recorded as ``stage + "_choice"`` with
+    ``start``, the name kept, and each candidate's sample ``rmse_<name>``). The full-data iterations are recorded as
+    ``stage``. Progressive k-means avoids the collapse of deep levels; on well-separated blobs its low-dimensional
+    stages can merge two blobs, which k-means++ does not.
     """
-    candidates: dict[str, Tensor] = {}
+    sample = global_sample(x, layout, rows_per_centroid * k, generator)
+    start_tol = max(tol, START_TOL)
+    starts: dict[str, Tensor] = {}
     if init in ("best", "progressive") and progressive_steps > 1:
-        candidates["progressive"] = progressive_kmeans(
-            x, k, layout, generator, rows_per_centroid=rows_per_centroid, steps=progressive_steps,
-            stage_iter=progressive_iter, stage=stage, record=record, max_iter=max_iter, tol=tol,
-            chunk_size=chunk_size)
-    if init in ("best", "kmeans++") or not candidates:
-        seeds = seed_centroids(x, k, layout, rows_per_centroid, generator)
-        name = stage if not candidates else f"{stage}_kmeans++"
-        candidates["kmeans++"] = lloyd(x, seeds, layout, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
-                                       record=_tagged(record, name, x.shape[1]))
-    if len(candidates) == 1:
-        return next(iter(candidates.values()))
-    errors = {name: inertia(x, c, chunk_size) for name, c in candidates.items()}
+        starts["progressive"] = progressive_start(sample, k, generator, tol=start_tol, chunk_size=chunk_size,
+                                                  steps=progressive_steps, stage_iter=progressive_iter, stage=stage,
+                                                  record=record)
+    if init in ("best", "kmeans++") or not starts:  # seeds refined on the sample need fewer seeding rows
+        seeding_rows = SEEDING_ROWS_PER_CENTROID * k if starts else len(sample)
+        starts["kmeans++"] = kmeans_plus_plus(sample[:seeding_rows], k, generator)
+    chosen = next(iter(starts))
+    if len(starts) > 1:
+        chosen, starts = _choose_on_sample(sample, starts, tol=start_tol, chunk_size=chunk_size,
+                                           iterations=progressive_iter, stage=stage, record=record)
+    return lloyd(x, starts[chosen], layout, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
+                 record=_tagged(record, stage, x.shape[1]))
+
+
+def _choose_on_sample(sample: Tensor, starts: dict[str, Tensor], *, tol: float, chunk_size: int, iterations: int,
+                      stage: str, record: Record) -> tuple[str, dict[str, Tensor]]:
+    """Refines each start ``{name: [k, D]}`` by ``iterations`` Lloyd iterations on ``sample: [S, D]``; returns the
+    name of the one with the lower inertia on the sample (ties: progressive) and the refined centroids."""
+    layout, dim = ShardLayout(0, len(sample), len(sample)), sample.shape[1]
+    refined = {name: lloyd(sample, c, layout, max_iter=iterations, tol=tol, chunk_size=chunk_size,
+                           record=_tagged(record, f"{stage}_sample_{name}", dim), reduce=False)
+               for name, c in starts.items()}
+    errors = {name: inertia(sample, c, chunk_size, reduce=False) for name, c in refined.items()}
     chosen = min(errors, key=lambda name: (errors[name], name != "progressive"))
-    record({"stage": f"{stage}_choice", "iteration": 0, "chosen": chosen,
-            "rmse": math.sqrt(errors[chosen] / (layout.total_rows * x.shape[1])),
-            **{f"rmse_{name}": math.sqrt(e / (layout.total_rows * x.shape[1])) for name, e in errors.items()}})
-    return candidates[chosen]
+    record({"stage": f"{stage}_choice", "iteration": 0, "start": chosen, "sample_rows": len(sample),
+            "rmse": math.sqrt(errors[chosen] / (len(sample) * dim)),
+            **{f"rmse_{name}": math.sqrt(e / (len(sample) * dim)) for name, e in errors.items()}})
+    return chosen, refined
 
 
 def _tagged(record: Record, stage: str, dims: int) -> Record:
@@ -249,12 +290,13 @@ class RQKMeans(ResidualQuantizer):
         levels, codebook_size, chunk_size, seed: as in :class:`~torchrec_sid.quantizers.base.ResidualQuantizer`.
         max_iter: Lloyd iterations per level (on all D columns), at most.
         tol: stop a stage when the inertia changes by at most this fraction.
-        init_rows_per_centroid: k-means++ runs on a seeded sample of ``min(N, this * K)`` rows.
-        init: ``"best"`` (progressive-dimension k-means and k-means++ on all columns, the lower inertia wins;
-            twice the cost), ``"progressive"`` or ``"kmeans++"`` (plain k-means, which collapses deep levels of
-            text embeddings). See :func:`kmeans`.
+        init_rows_per_centroid: each level's start is found on a seeded sample of ``min(N, this * K)`` rows.
+        init: ``"best"`` (progressive-dimension k-means and k-means++, each refined on the sample's D columns; the
+            lower inertia on the sample wins), ``"progressive"`` or ``"kmeans++"`` (plain k-means, which collapses
+            deep levels of text embeddings). See :func:`kmeans`.
         progressive_steps: stages of progressive-dimension k-means (module docstring; faiss uses 10; 0 or 1: none).
-        progressive_iter: Lloyd iterations, at most, of each progressive stage before the last.
+        progressive_iter: Lloyd iterations, at most, of each progressive stage and of each candidate's refinement
+            on the sample (both run on the sample only).
 
     Example::
 

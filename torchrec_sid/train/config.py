@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
 from torchrec_sid.data.synthetic import SyntheticConfig
@@ -14,6 +15,7 @@ from torchrec_sid.models.configs import ModelConfig
 from torchrec_sid.typed_config import bounds, check_bounds, from_mapping
 
 DATA_SOURCES = ("movielens", "movielens_latest", "synthetic")
+INDEX_DTYPES = ("int64", "int32")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class TrainConfig:
         tail_impressions: k of the test-period slices evaluated with ``test``: ``slice_tail`` holds the items with 1
             to k training impressions, ``slice_head`` more, ``slice_cold`` none (see
             :func:`~torchrec_sid.train.loop.slice_metrics`).
+        index_dtype: dtype of the batches' sparse values, ``int64`` or ``int32`` (half the bytes of every id and
+            token feature; the SID transform then writes int32 tokens, about half its cost at long histories:
+            ``benchmarks/sid_modules.py``). Every batch is checked to fit int32, naming the feature.
     """
 
     name: str = "run"
@@ -68,9 +73,12 @@ class TrainConfig:
     eval_splits: tuple[str, ...] = ("valid", "test", "cold")
     max_steps: int | None = field(default=None, metadata=bounds(ge=1))
     tail_impressions: int = field(default=5, metadata=bounds(ge=1))
+    index_dtype: str = "int64"
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.index_dtype not in INDEX_DTYPES:
+            raise ValueError(f"train.index_dtype must be one of {INDEX_DTYPES}, got {self.index_dtype!r}")
         if self.data not in DATA_SOURCES:
             raise ValueError(f"train.data must be one of {DATA_SOURCES}, got {self.data!r}")
         unknown = set(self.eval_splits) - {"train", "valid", "test", "cold", "tail"}
@@ -85,6 +93,10 @@ class TrainConfig:
             raise ValueError("train.tokenizer is only read by model.item_representation soft_sid")
         if self.export_semantic_ids is not None and not soft:
             raise ValueError("train.export_semantic_ids exports a fine-tuned tokenizer's SIDs: it needs soft_sid")
+
+    def torch_index_dtype(self) -> torch.dtype:
+        """``index_dtype`` as a torch dtype."""
+        return torch.int32 if self.index_dtype == "int32" else torch.int64
 
     def synthetic_config(self) -> SyntheticConfig:
         return SyntheticConfig(**self.synthetic)

@@ -262,7 +262,7 @@ def _run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
     out = Path(config.out)
     writer = SummaryWriter(str(out / "tensorboard")) if rank == 0 else None
     train = CtrBatches(data, "train", config.batch_size, max_history=config.model.max_history, shuffle=True,
-                       seed=config.seed, rank=rank, world_size=world_size)
+                       seed=config.seed, rank=rank, world_size=world_size, index_dtype=config.torch_index_dtype())
     progress = (_resume(dmp, optimizer, out, identity, resume_anyway) if config.resume
                 else {"epoch": 0, "batch": 0, "step": 0})
     steps_per_epoch = len(train)
@@ -376,7 +376,7 @@ def _evaluate_splits(dmp: nn.Module, data: InteractionData, config: TrainConfig,
     predictions = {}
     for split in config.eval_splits:
         batches = CtrBatches(data, split, config.batch_size, max_history=config.model.max_history, rank=rank,
-                             world_size=world_size)
+                             world_size=world_size, index_dtype=config.torch_index_dtype())
         predictions[split] = predict(dmp, batches, device)
         p, y, rows = predictions[split]
         metrics[split] = ctr_metrics(p, y, torch.from_numpy(batches.samples.users)[rows])
