@@ -33,7 +33,7 @@ Arms of the memory experiments (``MEMORY_ARMS``), with B = catalogue / 8 and cat
                    ablation)
 History arms (``HISTORY_ARMS``): pooling, PMA, DIN, SIM (top 50 events sharing the candidate's first SID level),
 DMQN, each on the id table, with the same data and the same steps of the same batches (equal training budget:
-``HISTORY_TRAIN_SYNTHETIC``, 16 steps of 16; ``HISTORY_TRAIN_LATEST``, 64 steps of 64); their cost is the training
+``HISTORY_TRAIN_SYNTHETIC``, 256 steps of 16; ``HISTORY_TRAIN_LATEST``, 64 steps of 64); their cost is the training
 examples/s.
 
 Each run is :func:`torchrec_sid.train.loop.run` in this one process (one-process group; OpenMP threads:
@@ -91,7 +91,7 @@ SIDS = "sids"  # an arm's key naming the quantizer of its SIDs (default rq_kmean
 # see whole histories padded to max_history (10,000 synthetic, 2,048 MovieLens): on one shared core DMQN trains at
 # about 5 examples/s at 10,000 and 30 at 2,048, so the budgets are small (both experiments: about 20 minutes on 1
 # thread, 3 seeds)
-HISTORY_TRAIN_SYNTHETIC = {"batch_size": 16, "epochs": 1, "max_steps": 16}
+HISTORY_TRAIN_SYNTHETIC = {"batch_size": 16, "epochs": 1, "max_steps": 256}
 HISTORY_TRAIN_LATEST = {"batch_size": 64, "epochs": 1, "max_steps": 64}
 ID_DROPOUT = 0.5
 LONGEST_USERS = 20  # history_latest: MovieLens latest's users with the most ratings

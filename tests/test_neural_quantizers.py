@@ -27,13 +27,7 @@ FUSION = {"text": "cosine", "genres": "bce"}
 TINY_VALID_FRAC = 0.1  # the default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and does not stall when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def items(num_items: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -11,13 +11,7 @@ from torchrec_sid.quantizers import RQGMM, RQKMeans
 from torchrec_sid.quantizers.metrics import code_balance, collisions, quality_report, reseeding, rmse
 from torchrec_sid.quantizers.rq_kmeans import lloyd, progressive_dims
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def power_law_sphere(num_items: int = 1700, dim: int = 128, seed: int = 0) -> torch.Tensor:

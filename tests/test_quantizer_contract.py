@@ -52,13 +52,7 @@ CASES: dict[str, tuple[str, dict[str, Any], tuple[str, Any], str]] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and does not stall when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(settings: dict[str, Any]) -> torch.Tensor | dict[str, torch.Tensor]:

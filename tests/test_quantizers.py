@@ -24,13 +24,7 @@ def blobs(num_items: int = 800, dim: int = 16, clusters: int = 8, seed: int = 0)
     return centres[label] + torch.randn(num_items, dim, generator=g) * spread[label, None], label
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and does not stall when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,7 @@ from torchrec_sid.quantizers.rq_gmm import (
     fit_em,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and does not stall when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixture_and_rows(num_rows: int = 300, dim: int = 64, k: int = 64, spread: float = 1.2,

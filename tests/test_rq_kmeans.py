@@ -1,5 +1,5 @@
 """RQ-KMeans internals: scattered reads of the seeding sample (page releases), the fused assignment, and the
-sample-based choice between its two k-means candidates."""
+sample-based choice between its two k-means candidates; Lloyd iterations on residuals that are never formed."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ import torch
 from torchrec_sid._dist import shard_layout
 from torchrec_sid.quantizers import base
 from torchrec_sid.quantizers.base import Residuals, gather_global_rows, releasing_pages, row_chunks
+from torchrec_sid.quantizers.rq_kmeans import lloyd, row_min_
 
 
 class LoggedRows:
@@ -61,3 +62,28 @@ def test_every_chunked_pass_releases_pages_after_each_chunk():
         assert len(calls) == 5
     list(row_chunks(300, 64))
     assert len(calls) == 5  # no hook outside the block
+
+
+def test_lloyd_on_deep_residuals_matches_lloyd_on_the_formed_residuals():
+    g = torch.Generator().manual_seed(0)
+    x, codebooks = torch.randn(3000, 24, generator=g), torch.randn(2, 12, 24, generator=g) * 0.5
+    codes = torch.randint(12, (3000, 3), generator=g)
+    formed = x - codebooks[0, codes[:, 0]] - codebooks[1, codes[:, 1]]
+    lazy_history: list = []
+    formed_history: list = []
+    kwargs = {"layout": shard_layout(*x.shape), "max_iter": 8, "tol": 0.0, "chunk_size": 700, "reduce": False}
+    lazy = lloyd(Residuals(x, codebooks, codes, level=2), formed[:16].clone(), record=lazy_history.append, **kwargs)
+    eager = lloyd(formed, formed[:16].clone(), record=formed_history.append, **kwargs)
+    torch.testing.assert_close(lazy, eager, rtol=0, atol=1e-5)
+    assert [h["utilization"] for h in lazy_history] == [h["utilization"] for h in formed_history]
+    assert [h["rmse"] for h in lazy_history] == pytest.approx([h["rmse"] for h in formed_history], rel=1e-5)
+
+
+def test_row_min_matches_torch_min_with_ties():
+    scores = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
+    scores[3, [9, 2, 40]] = -100.0  # a tie: the first index wins
+    scores[7] = 1.0  # all tied
+    expected = scores.min(dim=1)
+    values, indices = row_min_(scores.clone())
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    assert indices[3] == 2 and indices[7] == 0

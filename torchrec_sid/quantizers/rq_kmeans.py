@@ -2,7 +2,10 @@
 
 * Distances: ``||c||^2 - 2 x c^T`` by one fused matmul (``addmm``) per chunk of ``chunk_size`` rows and its row
   minimum (``||x||^2``, the same for every centroid, only enters the inertia, as one dot product per chunk), so
-  memory stays ``O(chunk_size * K)`` and no ``[N, K, D]`` tensor is ever formed.
+  memory stays ``O(chunk_size * K)`` and no ``[N, K, D]`` tensor is ever formed. At levels >= 1 the Lloyd passes
+  do not form the residuals ``r = x - sum_l C_l[a_l]`` either: ``-2 r c^T = -2 x c^T + 2 sum_l (C_l c^T)[a_l]``,
+  rows of small ``[K, K]`` tables gathered into the matmul's output, and a cluster's residual sum is its sum of
+  ``x`` minus its counts of earlier codes times the earlier codebooks.
 * The start of each level's k-means is found on a seeded global sample of ``init_rows_per_centroid * K`` rows
   (drawn by global index, the same on every rank, read in row order; never the catalogue), so its cost does not
   grow with N; then ``max_iter`` Lloyd iterations run on all rows.
@@ -32,12 +35,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchrec_sid._dist import ShardLayout, all_reduce_sum_
 from torchrec_sid.quantizers.base import (
     Record,
     ResidualQuantizer,
+    Residuals,
     Rows,
     gather_global_rows,
     integer,
@@ -65,7 +70,20 @@ def nearest_scores(x: Tensor, centroids: Tensor, centroid_sq: Tensor) -> tuple[T
     """The nearest centroid of each row by ``||c||^2 - 2 x c`` (one fused matmul; the row norms, the same for every
     centroid, are left out): ``x: [n, D]``, ``centroids: [K, D]``, ``centroid_sq: [K]`` ->
     ``(score: [n], codes: LongTensor[n])``; the squared distance is ``score + ||x||^2``."""
-    return torch.addmm(centroid_sq, x, centroids.T, alpha=-2).min(dim=1)
+    return row_min_(torch.addmm(centroid_sq, x, centroids.T, alpha=-2))
+
+
+def row_min_(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """``scores.min(dim=1)`` of ``scores: [n, K]`` -> ``(values: [n], indices: LongTensor[n])``, the first index
+    among ties, at a third of the cost: the (vectorized) ``amin``, then the index by one matrix-vector product of
+    the ``scores == min`` mask (written over ``scores``) with ``0..K-1``; rows with ties take the mask's ``argmax``."""
+    values = scores.amin(dim=1, keepdim=True)
+    mask = torch.eq(scores, values, out=scores)
+    indices = torch.mv(mask, torch.arange(scores.shape[1], dtype=scores.dtype)).long()
+    tied = (mask.sum(1) != 1).nonzero().flatten()
+    if len(tied):
+        indices[tied] = mask[tied].argmax(1)
+    return values.flatten(), indices
 
 
 def nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,23 +152,27 @@ def lloyd(x: Rows, centroids: Tensor, layout: ShardLayout, *, max_iter: int, tol
     iteration's centroids), ``utilization`` (fraction of non-empty clusters in that assignment, before any
     re-seeding), ``max_share`` (the largest cluster's fraction of the rows) and ``reseeded`` (empty clusters
     re-seeded, by splitting the largest, in the update that produced the iteration's centroids). ``reduce=False``:
-    ``x`` is the same on every rank (a gathered sample), nothing is all-reduced.
+    ``x`` is the same on every rank (a gathered sample), nothing is all-reduced. Residuals of a level >= 1 are
+    assigned without being formed (:func:`_residual_pass`).
     """
     k, dim = centroids.shape
+    deep = x if isinstance(x, Residuals) and x.level else None
+    pairs_size = deep.level * k * _earlier(deep)[0].shape[1] if deep is not None else 0
+    norms = _squared_norm(x, chunk_size)  # the inertia's sum ||x||^2, the same every iteration
     previous, reseeded = None, 0
-    chunk_sums = torch.empty(k, dim)  # one chunk's sums in float32, added to the float64 totals
     for iteration in range(max_iter):
-        flat = torch.zeros(k + 1 + k * dim, dtype=torch.float64)  # counts, inertia, sums: one all-reduce
-        counts, inertia_sum, sums = flat[:k], flat[k : k + 1], flat[k + 1 :].view(k, dim)
-        centroid_sq = (centroids * centroids).sum(1)
-        for _, chunk in read_chunks(x, chunk_size):
-            score, codes = nearest_scores(chunk, centroids, centroid_sq)
-            counts += torch.bincount(codes, minlength=k)
-            sums += chunk_sums.zero_().index_add_(0, codes, chunk)
-            row_sq = chunk.reshape(-1)
-            inertia_sum += score.sum(dtype=torch.float64) + torch.dot(row_sq, row_sq).double()
+        flat = torch.zeros(k + 1 + k * dim + pairs_size, dtype=torch.float64)  # one all-reduce
+        counts, inertia_sum = flat[:k], flat[k : k + 1]
+        sums, pairs = flat[k + 1 : k + 1 + k * dim].view(k, dim), flat[k + 1 + k * dim :]
+        inertia_sum += norms
+        if deep is not None:
+            _residual_pass(deep, centroids, chunk_size, counts, sums, inertia_sum, pairs)
+        else:
+            _row_pass(x, centroids, chunk_size, counts, sums, inertia_sum)
         if reduce:
             all_reduce_sum_(flat)
+        if deep is not None:
+            sums -= _earlier_codeword_sums(deep, pairs)
         inertia = max(inertia_sum.item(), 0.0)
         empty = (counts == 0).nonzero().flatten()
         record({"iteration": iteration, "rmse": math.sqrt(inertia / (layout.total_rows * dim)),
@@ -163,6 +185,70 @@ def lloyd(x: Rows, centroids: Tensor, layout: ShardLayout, *, max_iter: int, tol
         split_largest_(centroids, counts.clone(), empty)
         reseeded = len(empty)
     return centroids
+
+
+def _row_pass(x: Rows, centroids: Tensor, chunk_size: int, counts: Tensor, sums: Tensor, inertia: Tensor) -> None:
+    """Assigns the rows of ``x: [n, D]`` to ``centroids: [K, D]``; adds to the float64 ``counts: [K]``,
+    ``sums: [K, D]`` (one chunk's in float32) and ``inertia: [1]`` (the scores, without ``sum ||x||^2``)."""
+    centroid_sq = (centroids * centroids).sum(1)
+    chunk_sums = torch.empty_like(centroids)
+    for _, chunk in read_chunks(x, chunk_size):
+        score, codes = nearest_scores(chunk, centroids, centroid_sq)
+        counts += torch.bincount(codes, minlength=len(centroids))
+        sums += chunk_sums.zero_().index_add_(0, codes, chunk)
+        inertia += score.sum(dtype=torch.float64)
+
+
+def _residual_pass(x: Residuals, centroids: Tensor, chunk_size: int, counts: Tensor, sums: Tensor,
+                   inertia: Tensor, pairs: Tensor) -> None:
+    """:func:`_row_pass` for the residuals ``r = x - sum_{l < L} C_l[a_l]`` of level ``L = x.level >= 1``, without
+    forming them (forming them costs more than the matmul's epilogue at deep levels).
+
+    Scores: ``||c||^2 - 2 r.c = -2 x.c + (||c||^2 + 2 sum_l C_l[a_l].c)``, the bracket summed by one
+    ``embedding_bag`` from the rows of per-level ``[K', K]`` tables. ``sums`` get the rows of ``x`` and
+    ``pairs: [L * K * K']`` the counts of (code, level-l code) pairs, from which :func:`_earlier_codeword_sums`
+    gives the codewords to subtract; ``inertia`` gets the scores, without ``sum ||r||^2``.
+    """
+    k, level = len(centroids), x.level
+    earlier, earlier_codes = _earlier(x)
+    width = earlier.shape[1]
+    tables = 2 * earlier @ centroids.T  # [L, K', K]
+    tables[0] += (centroids * centroids).sum(1)
+    tables = tables.reshape(level * width, k)
+    table_rows = torch.arange(level) * width
+    chunk_sums = torch.empty_like(centroids)
+    assigned = torch.empty(len(x), dtype=torch.long)
+    for rows in row_chunks(len(x), chunk_size):
+        chunk, codes_before = x.x[rows].float(), earlier_codes[rows]
+        scores = F.embedding_bag(codes_before + table_rows, tables, mode="sum").addmm_(chunk, centroids.T, alpha=-2)
+        score, assigned[rows] = row_min_(scores)
+        sums += chunk_sums.zero_().index_add_(0, assigned[rows], chunk)
+        inertia += score.sum(dtype=torch.float64)
+    counts += torch.bincount(assigned, minlength=k)
+    pair_index = assigned[:, None] * width + earlier_codes + torch.arange(level) * (k * width)  # [n, L]
+    pairs += torch.bincount(pair_index.flatten(), minlength=len(pairs))
+
+
+def _earlier(x: Residuals) -> tuple[Tensor, Tensor]:
+    """The earlier levels of residuals of level ``L``: codebooks ``[L, K', D]`` and codes ``[n, L]``."""
+    assert x.codebooks is not None and x.codes is not None
+    return x.codebooks[: x.level], x.codes[:, : x.level]
+
+
+def _earlier_codeword_sums(x: Residuals, pairs: Tensor) -> Tensor:
+    """Per cluster, the sum of its rows' earlier codewords ``sum_l M_l C_l`` -> ``[K, D]`` float64, from the counts
+    ``pairs: [L * K * K']`` of (code, level-l code) pairs (``M_l: [K, K']``, :func:`_residual_pass`)."""
+    earlier = _earlier(x)[0].double()  # [L, K', D]
+    return torch.bmm(pairs.view(x.level, -1, earlier.shape[1]), earlier).sum(0)
+
+
+def _squared_norm(x: Rows, chunk_size: int) -> Tensor:
+    """``sum_i ||x_i||^2`` over the rows of ``x: [n, D]`` -> ``[1]`` float64."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for _, chunk in read_chunks(x, chunk_size):
+        row_sq = chunk.reshape(-1)
+        total += torch.dot(row_sq, row_sq).double()
+    return total
 
 
 def progressive_dims(dim: int, steps: int) -> list[int]:
@@ -181,9 +267,9 @@ def principal_basis(x: Rows, layout: ShardLayout, chunk_size: int, *, reduce: bo
     flat = torch.zeros(dim + dim * dim, dtype=torch.float64)
     total, outer = flat[:dim], flat[dim:].view(dim, dim)
     for rows in row_chunks(len(x), chunk_size):
-        r = x[rows].double()
-        total += r.sum(0)
-        outer += r.T @ r
+        r = x[rows]
+        total += r.sum(0, dtype=torch.float64)
+        outer += (r.T @ r).double()  # one chunk's in float32: half the cost of float64
     if reduce:
         all_reduce_sum_(flat)
     mean = total / layout.total_rows
