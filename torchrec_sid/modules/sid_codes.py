@@ -29,6 +29,7 @@ from torchrec_sid.modules.sid_transform import (
     SidToken,
     UnknownIdPolicy,
     check_token_settings,
+    checked_distinct_features,
     hash_packed_ids,
     sid_tokens,
 )
@@ -204,10 +205,8 @@ class SidCodeTransform(SidTableLayout, nn.Module):
         self.tokens = sid_tokens(self.cardinalities, ngram_orders, prefix_lengths, max_table_size, ngram_groups)
         self.code_features: list[list[str]] = [code_feature_names(f, num_levels) for f in self.feature_names]
         self.token_features: list[list[str]] = [self.derived_feature_names(f) for f in self.feature_names]
-        if not set(distinct_features) <= set(self.feature_names):
-            raise ValueError(f"SidCodeTransform: distinct_features {list(distinct_features)} must be among "
-                             f"feature_names {self.feature_names}")
-        self.distinct_features: list[str] = list(distinct_features)
+        self.distinct_features: list[str] = checked_distinct_features("SidCodeTransform", distinct_features,
+                                                                      self.feature_names)
 
     @classmethod
     def from_semantic_ids(cls, semantic_ids: SemanticIds, feature_names: Sequence[str],

@@ -104,6 +104,14 @@ class SidToken:
         return self.num_values > self.num_buckets
 
 
+def checked_distinct_features(owner: str, distinct_features: Sequence[str], feature_names: Sequence[str]) -> list[str]:
+    """``distinct_features`` as a list, or a ValueError naming ``owner`` when one is not among ``feature_names``."""
+    if not set(distinct_features) <= set(feature_names):
+        raise ValueError(f"{owner}: distinct_features {list(distinct_features)} must be among feature_names "
+                         f"{list(feature_names)}")
+    return list(distinct_features)
+
+
 def check_token_settings(owner: str, cardinalities: Sequence[int], feature_names: Sequence[str], num_levels: int,
                          ngram_orders: Sequence[int], prefix_lengths: Sequence[int], max_table_size: int,
                          unknown_ids: str, ngram_groups: Sequence[int] = ()) -> None:
@@ -544,10 +552,8 @@ class SidFeatureTransform(SidTableLayout, nn.Module):
         if spm is not None:
             self._register_pieces(spm, semantic_ids.num_items)
         self.token_features: list[list[str]] = [self.derived_feature_names(f) for f in self.feature_names]
-        if not set(distinct_features) <= set(self.feature_names):
-            raise ValueError(f"SidFeatureTransform: distinct_features {list(distinct_features)} must be among "
-                             f"feature_names {self.feature_names}")
-        self.distinct_features: list[str] = list(distinct_features)
+        self.distinct_features: list[str] = checked_distinct_features("SidFeatureTransform", distinct_features,
+                                                                      self.feature_names)
         self.register_buffer(
             "item_tokens", item_token_table(semantic_ids.codes[:, :num_levels], cardinalities, self.tokens, self.oov)
         )
