@@ -33,6 +33,12 @@ load average is recorded. Goal: the transform adds at most 10% to the EBC lookup
 ``SID tokens EBC`` of the same index dtype, median of per-round wall-time ratios; the CPU-time ratio is printed
 beside it), one goal line per L and index dtype.
 
+``THP_MEM_ALLOC_ENABLE=1`` is set (unless already set) before torch loads, as the ``torchrec-sid`` command does:
+PyTorch's CPU allocator then backs allocations of >= 2 MB with transparent huge pages. The transform's output is a
+fresh ``[T * B * L]`` tensor every call (131 MB at L = 1,000 with int64 ids); with 4 kB pages about 2/3 of the
+transform's time was page faults. Run with ``THP_MEM_ALLOC_ENABLE=0`` for 4 kB pages (``_4k_pages`` is appended
+to the JSON's name).
+
 Prints tables and writes ``benchmarks/results/sid_modules.json`` (``sid_modules_quick.json`` with ``--quick``,
 ``_cuda`` appended on a GPU).
 Run: ``.venv/bin/python benchmarks/sid_modules.py [--quick] [--device cuda] [--threads 1] [--index-dtype both]``.
@@ -51,6 +57,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+# as the torchrec-sid command sets it before torch loads (torchrec_sid/cli.py): huge pages for allocations >= 2 MB;
+# run with THP_MEM_ALLOC_ENABLE=0 for 4 kB pages
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 import torch.distributed as dist
@@ -403,7 +413,8 @@ def main() -> None:
     load = (load_before, os.getloadavg()[0])
     goals, buffer = goal(speed), setup.transform_buffer()
     print_tables(_mb(memory), speed, goals, args, load, buffer, checks)
-    name = ("sid_modules_quick" if args.quick else "sid_modules") + ("_cuda" if device.type == "cuda" else "")
+    name = (("sid_modules_quick" if args.quick else "sid_modules") + ("_cuda" if device.type == "cuda" else "")
+            + ("_4k_pages" if os.environ["THP_MEM_ALLOC_ENABLE"] == "0" else ""))
     path = write_json(name, {"settings": vars(args), "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
                              "load_average_before_after": load, "memory": memory, "transform_buffer": buffer,
                              "speed": speed, "int32_check": checks, "goal": goals})

@@ -52,6 +52,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# as the torchrec-sid command sets it before torch loads (torchrec_sid/cli.py): huge pages for allocations >= 2 MB;
+# run with THP_MEM_ALLOC_ENABLE=0 for 4 kB pages
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import torch
 import torch.distributed as dist
 from common import (
@@ -313,6 +317,7 @@ def main() -> None:
         return
     path = write_json(result_name("train_speed", device), {
         "benchmark": "train_speed", "settings": vars(args), "device": device_facts(device),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "data": {**ML100K_SHAPE, "seed": args.seed},
         "model": {**BASE_MODEL, "sid_tokens": dataclasses.asdict(SID_TOKENS)},
         "load_average_1m": {"before": load_before, "after": load_after}, "goals": GOALS, "results": results,

@@ -182,3 +182,20 @@ def test_two_process_run_through_torchx_local_cwd(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 3
     assert 0.0 <= results["metrics"]["test"]["auc"] <= 1.0
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
+def test_command_turns_on_huge_pages_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch, preset: str | None,
+                                                           expected: str) -> None:
+    """Every process a component or the command starts (``python -m torchrec_sid``) sets PyTorch's huge-page switch
+    before torch loads; an explicit value in the environment wins."""
+    import importlib
+
+    from torchrec_sid import cli
+
+    if preset is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+    importlib.reload(cli)
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == expected
