@@ -1,12 +1,15 @@
 """RQ-KMeans internals: scattered reads of the seeding sample (page releases), the fused assignment, and the
-sample-based choice between its two k-means candidates; Lloyd iterations on residuals that are never formed."""
+sample-based choice between its two k-means candidates; Lloyd iterations on residuals that are never formed, in
+lanes whose result does not depend on the thread count."""
+
+from typing import Any
 
 import pytest
 import torch
 
 from torchrec_sid._dist import shard_layout
 from torchrec_sid.quantizers import base
-from torchrec_sid.quantizers.base import Residuals, gather_global_rows, releasing_pages, row_chunks
+from torchrec_sid.quantizers.base import LANES, Residuals, gather_global_rows, in_lanes, releasing_pages, row_chunks
 from torchrec_sid.quantizers.rq_kmeans import lloyd, row_min_
 
 
@@ -62,6 +65,20 @@ def test_every_chunked_pass_releases_pages_after_each_chunk():
         assert len(calls) == 5
     list(row_chunks(300, 64))
     assert len(calls) == 5  # no hook outside the block
+    assert [r.start for r in row_chunks(300, 64, 1, 2)] == [64, 192]  # lane 1 of 2: chunks 1 and 3
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lanes_cover_every_chunk_and_keep_the_hook_and_the_thread_count(threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # 2: lanes in threads, whatever the machine
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    calls: list[int] = []
+    with releasing_pages(lambda: calls.append(1)):
+        lanes = in_lanes(lambda lane: [r.start for r in row_chunks(300, 64, lane, LANES)])
+    assert sorted(sum(lanes, [])) == [0, 64, 128, 192, 256] and lanes[0][0] == 0
+    assert len(calls) == 5  # the hook runs in every lane's thread
+    assert set_to == ([] if threads == 1 else [1, 2])  # one intra-op thread per lane while they run, then restored
 
 
 def test_lloyd_on_deep_residuals_matches_lloyd_on_the_formed_residuals():
@@ -71,12 +88,27 @@ def test_lloyd_on_deep_residuals_matches_lloyd_on_the_formed_residuals():
     formed = x - codebooks[0, codes[:, 0]] - codebooks[1, codes[:, 1]]
     lazy_history: list = []
     formed_history: list = []
-    kwargs = {"layout": shard_layout(*x.shape), "max_iter": 8, "tol": 0.0, "chunk_size": 700, "reduce": False}
+    kwargs: dict[str, Any] = {"layout": shard_layout(*x.shape), "max_iter": 8, "tol": 0.0, "chunk_size": 700,
+                              "reduce": False}
     lazy = lloyd(Residuals(x, codebooks, codes, level=2), formed[:16].clone(), record=lazy_history.append, **kwargs)
     eager = lloyd(formed, formed[:16].clone(), record=formed_history.append, **kwargs)
     torch.testing.assert_close(lazy, eager, rtol=0, atol=1e-5)
     assert [h["utilization"] for h in lazy_history] == [h["utilization"] for h in formed_history]
     assert [h["rmse"] for h in lazy_history] == pytest.approx([h["rmse"] for h in formed_history], rel=1e-5)
+
+
+def test_lloyd_in_lanes_gives_the_same_centroids_at_1_and_2_threads(one_thread):
+    g = torch.Generator().manual_seed(1)
+    x, codebooks = torch.randn(2000, 16, generator=g), torch.randn(1, 8, 16, generator=g) * 0.5
+    codes = torch.randint(8, (2000, 2), generator=g)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append([lloyd(rows, x[:8].clone(), shard_layout(*x.shape), max_iter=5, tol=0.0, chunk_size=300,
+                           record=lambda entry: None) for rows in (x, Residuals(x, codebooks, codes, level=1))])
+        assert torch.get_num_threads() == threads  # restored after every pass
+    for one, two in zip(*runs, strict=True):
+        assert torch.equal(one, two)
 
 
 def test_row_min_matches_torch_min_with_ties():

@@ -27,11 +27,14 @@ Quantizers register under a name (:data:`QUANTIZERS`), so ``build_quantizer("rq_
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import numbers
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -99,15 +102,59 @@ def as_signals(x: QuantizerInput, names: list[str]) -> dict[str, Tensor]:
                      f"got a single {type(x).__name__}")
 
 
-def row_chunks(num_rows: int, chunk_size: int) -> Iterator[slice]:
-    """Consecutive row slices of at most ``chunk_size`` rows. After each chunk (when the next one, or the end, is
-    asked for) the :func:`releasing_pages` hook runs when one is set, so a pass over a memory-mapped input keeps
-    about one chunk of it resident."""
+def row_chunks(num_rows: int, chunk_size: int, lane: int = 0, lanes: int = 1) -> Iterator[slice]:
+    """Consecutive row slices of at most ``chunk_size`` rows (``lanes > 1``: only chunks ``lane, lane + lanes,
+    ...``, :func:`in_lanes`). After each chunk (when the next one, or the end, is asked for) the
+    :func:`releasing_pages` hook runs when one is set, so a pass over a memory-mapped input keeps about one chunk
+    (per lane) of it resident."""
     release = _page_release.get()
-    for start in range(0, num_rows, chunk_size):
+    for start in range(lane * chunk_size, num_rows, lanes * chunk_size):
         yield slice(start, min(start + chunk_size, num_rows))
         if release is not None:
             release()
+
+
+LANES = 2  # chunked passes that run in lanes (in_lanes) split their chunks into this many fixed streams
+T = TypeVar("T")
+_lane_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+
+
+def in_lanes(work: Callable[[int], T]) -> list[T]:
+    """``[work(0), ..., work(LANES - 1)]``: a chunked pass split into :data:`LANES` fixed streams of chunks
+    (``row_chunks(n, chunk_size, lane, LANES)``), each accumulating its own statistics, which the caller sums in
+    lane order.
+
+    With ``torch.get_num_threads() >= LANES`` the lanes run at once in ``LANES`` threads (torch ops release the
+    GIL), each with ``get_num_threads() // LANES`` intra-op threads (set for the call, process-wide): no fork and
+    join per op, and the single-threaded parts of a chunk's work (scatter-adds, row minima, counts) run in
+    parallel. Otherwise they run one after the other. The lanes' chunks, and so their results, do not depend on
+    the thread count. Each lane runs in a copy of the caller's context (the :func:`releasing_pages` hook).
+    """
+    global _lane_pool
+    threads = torch.get_num_threads()
+    if threads < LANES:
+        return [work(lane) for lane in range(LANES)]
+    if _lane_pool is None or _lane_pool[0] != os.getpid():
+        _lane_pool = (os.getpid(), ThreadPoolExecutor(LANES - 1, thread_name_prefix="lane"))
+    with intra_op_threads(threads // LANES):
+        others = [_lane_pool[1].submit(contextvars.copy_context().run, work, lane) for lane in range(1, LANES)]
+        try:
+            first = work(0)
+        finally:
+            wait(others)  # an error in lane 0 is raised once every lane has stopped
+    return [first, *(future.result() for future in others)]
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``min(threads, current)`` for the block (process-wide), then restored:
+    for loops of ops on a few thousand numbers, whose fork and join cost more than splitting them saves."""
+    current = torch.get_num_threads()
+    torch.set_num_threads(min(threads, current))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(current)
 
 
 class Residuals:
@@ -145,18 +192,18 @@ class Residuals:
                 out.sub_(self.codebooks[level].index_select(0, codes[:, level]))
         return out
 
-    def chunks(self, chunk_size: int) -> Iterator[tuple[slice, Tensor]]:
-        """``(rows, self[rows])`` for consecutive slices of ``chunk_size`` rows, formed in buffers allocated once:
+    def chunks(self, chunk_size: int, lane: int = 0, lanes: int = 1) -> Iterator[tuple[slice, Tensor]]:
+        """``(rows, self[rows])`` for the slices of :func:`row_chunks`, formed in buffers allocated once per call:
         each chunk ``[m, D]`` is valid until the next one is read (3x faster than :meth:`__getitem__` per chunk at
         level 2, which allocates, and so page-faults, fresh ``[m, D]`` tensors)."""
         if not self.level:
-            yield from ((rows, self.x[rows].float()) for rows in row_chunks(len(self), chunk_size))
+            yield from ((rows, self.x[rows].float()) for rows in row_chunks(len(self), chunk_size, lane, lanes))
             return
         dim = self.x.shape[1]
         size = min(chunk_size, len(self))
         out, picked = torch.empty(size, dim), torch.empty(size, dim)
         assert self.codebooks is not None and self.codes is not None
-        for rows in row_chunks(len(self), chunk_size):
+        for rows in row_chunks(len(self), chunk_size, lane, lanes):
             m = rows.stop - rows.start
             chunk = out[:m].copy_(self.x[rows])
             codes = self.codes[rows]
@@ -165,13 +212,13 @@ class Residuals:
             yield rows, chunk
 
 
-def read_chunks(x: Rows, chunk_size: int) -> Iterator[tuple[slice, Tensor]]:
-    """``(rows, x[rows])`` for consecutive slices of ``chunk_size`` rows of ``x: [n, D]``; each chunk is valid
-    until the next one is read (:meth:`Residuals.chunks` reuses its buffers)."""
+def read_chunks(x: Rows, chunk_size: int, lane: int = 0, lanes: int = 1) -> Iterator[tuple[slice, Tensor]]:
+    """``(rows, x[rows])`` for the slices of :func:`row_chunks` over ``x: [n, D]``; each chunk is valid until the
+    next one is read (:meth:`Residuals.chunks` reuses its buffers)."""
     if isinstance(x, Residuals):
-        yield from x.chunks(chunk_size)
+        yield from x.chunks(chunk_size, lane, lanes)
     else:
-        yield from ((rows, x[rows]) for rows in row_chunks(len(x), chunk_size))
+        yield from ((rows, x[rows]) for rows in row_chunks(len(x), chunk_size, lane, lanes))
 
 
 Rows = Tensor | Residuals  # what a level is fitted on: [n, D] rows read by slices and index tensors

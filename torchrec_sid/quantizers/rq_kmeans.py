@@ -27,6 +27,12 @@
   centroid scaled by ``1 +- 1/1024`` on alternating dimensions, as faiss does), so a re-seeded code takes half of
   a crowded code's items instead of one outlier row; stop when the inertia changes by at most ``tol`` relative,
   or after ``max_iter`` iterations.
+* Lanes: a Lloyd pass (on all rows or on the sample) runs its chunks in two fixed lanes, chunk i in lane i % 2
+  (:func:`~torchrec_sid.quantizers.base.in_lanes`): with 2 torch threads, two threads of one intra-op thread
+  each, so the work after each chunk's matmul (the row minimum, the scatter-add of the sums, the counts: ops
+  that run on one thread or are too small to split well) runs in parallel with the other lane's instead of
+  leaving a core idle. Each lane keeps its own statistics, added in lane order, so the result does not depend
+  on the thread count.
 """
 
 from __future__ import annotations
@@ -40,12 +46,15 @@ from torch import Tensor
 
 from torchrec_sid._dist import ShardLayout, all_reduce_sum_
 from torchrec_sid.quantizers.base import (
+    LANES,
     Record,
     ResidualQuantizer,
     Residuals,
     Rows,
     gather_global_rows,
+    in_lanes,
     integer,
+    intra_op_threads,
     one_of,
     read_chunks,
     real,
@@ -104,14 +113,15 @@ def kmeans_plus_plus(sample: Tensor, k: int, generator: torch.Generator) -> Tens
     first = torch.randint(len(sample), (1,), generator=generator)
     index = first.repeat(k)
     d2 = squared_distances(sample, sample_sq, sample[first], sample_sq[first])[:, 0]  # [S] to the nearest seed
-    for j in range(1, k):
-        if d2.sum() == 0:  # every row is already a seed: keep the repeats
-            break
-        candidates = torch.multinomial(d2, trials, replacement=True, generator=generator)
-        d2_if = torch.minimum(d2[:, None], squared_distances(sample, sample_sq, sample[candidates],
-                                                             sample_sq[candidates]))  # [S, trials]
-        best = int(d2_if.sum(0).argmin())
-        index[j], d2 = candidates[best], d2_if[:, best].contiguous()
+    with intra_op_threads(1):  # k - 1 steps of small ops: 1.4x faster on one thread than on two
+        for j in range(1, k):
+            if d2.sum() == 0:  # every row is already a seed: keep the repeats
+                break
+            candidates = torch.multinomial(d2, trials, replacement=True, generator=generator)
+            d2_if = torch.minimum(d2, squared_distances(sample[candidates], sample_sq[candidates], sample,
+                                                        sample_sq))  # [trials, S]: 1.5x faster than [S, trials]
+            best = int(d2_if.sum(1).argmin())
+            index[j], d2 = candidates[best], d2_if[best]
     return sample[index].clone()
 
 
@@ -189,14 +199,24 @@ def lloyd(x: Rows, centroids: Tensor, layout: ShardLayout, *, max_iter: int, tol
 
 def _row_pass(x: Rows, centroids: Tensor, chunk_size: int, counts: Tensor, sums: Tensor, inertia: Tensor) -> None:
     """Assigns the rows of ``x: [n, D]`` to ``centroids: [K, D]``; adds to the float64 ``counts: [K]``,
-    ``sums: [K, D]`` (one chunk's in float32) and ``inertia: [1]`` (the scores, without ``sum ||x||^2``)."""
+    ``sums: [K, D]`` (one chunk's in float32) and ``inertia: [1]`` (the scores, without ``sum ||x||^2``). The
+    chunks run in lanes (:func:`~torchrec_sid.quantizers.base.in_lanes`), their statistics added in lane order."""
     centroid_sq = (centroids * centroids).sum(1)
-    chunk_sums = torch.empty_like(centroids)
-    for _, chunk in read_chunks(x, chunk_size):
-        score, codes = nearest_scores(chunk, centroids, centroid_sq)
-        counts += torch.bincount(codes, minlength=len(centroids))
-        sums += chunk_sums.zero_().index_add_(0, codes, chunk)
-        inertia += score.sum(dtype=torch.float64)
+
+    def lane(index: int) -> tuple[Tensor, Tensor, Tensor]:
+        lane_counts, lane_sums = torch.zeros_like(counts), torch.zeros_like(sums)
+        lane_inertia, chunk_sums = torch.zeros_like(inertia), torch.empty_like(centroids)
+        for _, chunk in read_chunks(x, chunk_size, index, LANES):
+            score, codes = nearest_scores(chunk, centroids, centroid_sq)
+            lane_counts += torch.bincount(codes, minlength=len(centroids))
+            lane_sums += chunk_sums.zero_().index_add_(0, codes, chunk)
+            lane_inertia += score.sum(dtype=torch.float64)
+        return lane_counts, lane_sums, lane_inertia
+
+    for lane_counts, lane_sums, lane_inertia in in_lanes(lane):
+        counts += lane_counts
+        sums += lane_sums
+        inertia += lane_inertia
 
 
 def _residual_pass(x: Residuals, centroids: Tensor, chunk_size: int, counts: Tensor, sums: Tensor,
@@ -216,14 +236,23 @@ def _residual_pass(x: Residuals, centroids: Tensor, chunk_size: int, counts: Ten
     tables[0] += (centroids * centroids).sum(1)
     tables = tables.reshape(level * width, k)
     table_rows = torch.arange(level) * width
-    chunk_sums = torch.empty_like(centroids)
     assigned = torch.empty(len(x), dtype=torch.long)
-    for rows in row_chunks(len(x), chunk_size):
-        chunk, codes_before = x.x[rows].float(), earlier_codes[rows]
-        scores = F.embedding_bag(codes_before + table_rows, tables, mode="sum").addmm_(chunk, centroids.T, alpha=-2)
-        score, assigned[rows] = row_min_(scores)
-        sums += chunk_sums.zero_().index_add_(0, assigned[rows], chunk)
-        inertia += score.sum(dtype=torch.float64)
+
+    def lane(index: int) -> tuple[Tensor, Tensor]:
+        lane_sums, lane_inertia, chunk_sums = torch.zeros_like(sums), torch.zeros_like(inertia), torch.empty_like(
+            centroids)
+        for rows in row_chunks(len(x), chunk_size, index, LANES):
+            chunk, codes_before = x.x[rows].float(), earlier_codes[rows]
+            scores = F.embedding_bag(codes_before + table_rows, tables, mode="sum").addmm_(chunk, centroids.T,
+                                                                                            alpha=-2)
+            score, assigned[rows] = row_min_(scores)
+            lane_sums += chunk_sums.zero_().index_add_(0, assigned[rows], chunk)
+            lane_inertia += score.sum(dtype=torch.float64)
+        return lane_sums, lane_inertia
+
+    for lane_sums, lane_inertia in in_lanes(lane):
+        sums += lane_sums
+        inertia += lane_inertia
     counts += torch.bincount(assigned, minlength=k)
     pair_index = assigned[:, None] * width + earlier_codes + torch.arange(level) * (k * width)  # [n, L]
     pairs += torch.bincount(pair_index.flatten(), minlength=len(pairs))
