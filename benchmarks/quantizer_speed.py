@@ -39,6 +39,15 @@ Sections:
      precisions_init)``; same iterations, tolerance 0, same threads. scikit-learn's first lapse (which also holds
      the init work it does before overriding it with the given parameters) is replaced by its median lapse.
      The one remaining difference is the variance regularisation: scikit-learn adds 1e-6, RQ-GMM floors at 1e-6.
+     RQ-GMM's EM runs at its defaults otherwise: a full E-step (all K components; scikit-learn's E-step) every
+     ``full_estep_every`` (10) iterations and truncated E-steps in between (each row's components within e^-46 of
+     its best at the last full E-step, ``torchrec_sid.quantizers.rq_gmm``); the log-likelihood a truncated step
+     records is a lower bound of the parameters' true one (on this data equal to it: no responsibility above the
+     e^-36 cut is missed), so the truncation cannot reach the target early by its bookkeeping. With ``--threads 2``
+     RQ-GMM's E-steps run their chunks in two lanes of one thread each (``rq_gmm.em_statistics``).
+     Each RQ-GMM row gives the median seconds of its full and truncated E-steps (an E-step's record minus the
+     previous one, with the M-step; the ``RQGMM.fit`` arms leave out their first, which holds the k-means init),
+     and its curves which E-steps were full (``full_estep``).
    * **each library's own init**, timed: ``RQGMM(levels=1, max_iter=iters, tol=0)`` with ``var_floor_ratio=0``
      (plain EM) and with its default ``var_floor_ratio=0.1``, vs ``GaussianMixture(..., init_params="kmeans")``,
      whose KMeans (k-means++, up to 300 iterations) runs to convergence: a better start than RQ-GMM's 10 Lloyd
@@ -297,6 +306,7 @@ class IterationClock:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.em: list[tuple[float, float]] = []  # (seconds since start, mean log-likelihood)
+        self.full_estep: list[bool] = []  # per E-step, from record (RQGMM.fit's come from its history_)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         if "/em/" in tag and tag.endswith("/log_likelihood"):
@@ -304,6 +314,7 @@ class IterationClock:
 
     def record(self, entry: dict[str, Any]) -> None:
         self.em.append((time.perf_counter() - self.start, entry["log_likelihood"]))
+        self.full_estep.append(entry["full_estep"])
 
 
 def _sklearn_from(mixture: DiagonalMixture) -> Any:
@@ -352,10 +363,16 @@ def _sklearn_fit(gm: Any, xs: np.ndarray, *, init_in_first_lapse: bool) -> dict[
 
 
 def _clock_run(clock: IterationClock, start_cpu: float, model: Any) -> dict[str, Any]:
+    """An RQ-GMM run's times and curve; ``estep_s`` (full / truncated): each E-step's time since the previous
+    record (the first from the clock's start when ``record`` timed a bare ``fit_em``; with ``RQGMM.fit`` it also
+    holds the k-means init, and is left out)."""
     seconds, cpu = time.perf_counter() - clock.start, time.process_time() - start_cpu
     times, lls = zip(*clock.em, strict=True)
     em_per_iter = (times[-1] - times[0]) / max(len(times) - 1, 1)
-    return {"seconds": seconds, "cpu_s": cpu, "curve_t": list(times), "curve_ll": list(lls),
+    full = clock.full_estep or [h["full_estep"] for h in model.history_ if h["stage"] == "em"]
+    steps = [(b - a, f) for a, b, f in zip((0.0, *times[:-1]), times, full, strict=True)][0 if clock.full_estep else 1:]
+    return {"seconds": seconds, "cpu_s": cpu, "curve_t": list(times), "curve_ll": list(lls), "curve_full": full,
+            "estep_s": {kind: [t for t, f in steps if f == (kind == "full")] for kind in ("full", "truncated")},
             "em_s_per_iteration": em_per_iter, "model": model, "iterations": len(times)}
 
 
@@ -432,15 +449,17 @@ def _gmm_row(name: str, rs: list[dict[str, Any]], x: Tensor, xs: np.ndarray) -> 
     own_ll = None if isinstance(model, GaussianMixture) else mixture.to("cpu").posterior(x)[1].mean().item()
     codes = torch.as_tensor(sk.predict(xs))
     means = torch.as_tensor(np.asarray(sk.means_), dtype=torch.float32)
+    estep_s = {kind: [t for r in rs for t in r.get("estep_s", {}).get(kind, [])] for kind in ("full", "truncated")}
     return {"method": name, "seconds": statistics.median(r["seconds"] for r in rs),
             "min_s": min(r["seconds"] for r in rs), "times_s": [r["seconds"] for r in rs],
             "cpu_s": statistics.median(r["cpu_s"] for r in rs), "cpu_times_s": [r["cpu_s"] for r in rs],
             "iterations": rs[-1]["iterations"],
             "em_s_per_iteration": statistics.median(r["em_s_per_iteration"] for r in rs),
+            **{f"{kind}_estep_s": statistics.median(ts) for kind, ts in estep_s.items() if ts},
             "final_mean_log_likelihood": float(sk.score(xs)),  # per item, the same formula for every model
             "own_mean_log_likelihood": own_ll, "map_rmse": rmse(x, means[codes]),
-            "curves": [{"t": r["curve_t"], "ll": r["curve_ll"], "cpu_per_wall": r["cpu_s"] / r["seconds"]}
-                       for r in rs]}
+            "curves": [{"t": r["curve_t"], "ll": r["curve_ll"], "cpu_per_wall": r["cpu_s"] / r["seconds"],
+                        **({"full_estep": r["curve_full"]} if "curve_full" in r else {})} for r in rs]}
 
 
 def _gmm_speedups(r: dict[str, Any], sk_row: dict[str, Any]) -> dict[str, Any]:
@@ -542,7 +561,8 @@ def print_gmm(gmm: dict[str, Any], g: dict[str, Any]) -> None:
     """Section 4's table and goal line."""
     gm_cols = [("method", "method", None), ("peer", "vs", None), ("seconds", "fit s", ".2f"),
                ("min_s", "min s", ".2f"), ("iterations", "EM iters", None),
-               ("em_s_per_iteration", "s/EM iter", ".3f"), ("final_mean_log_likelihood", "mean LL", ".3f"),
+               ("em_s_per_iteration", "s/EM iter", ".3f"), ("full_estep_s", "s/full E", ".3f"),
+               ("truncated_estep_s", "s/trunc. E", ".3f"), ("final_mean_log_likelihood", "mean LL", ".3f"),
                ("map_rmse", "MAP RMSE", ".5f"), ("time_to_target_s", "t to equal LL", ".2f"),
                ("sklearn_time_to_target_s", "sklearn t", ".2f"), ("speedup_at_equal_ll", "x at equal LL", ".2f"),
                ("speedup_at_equal_ll_by_min", "x at equal LL (min)", ".2f"),
